@@ -1,0 +1,91 @@
+"""Checkpoints of a run: Lightning ``.ckpt`` for resuming and the seed's ``.pt`` weights files.
+
+Every file is written to a temporary name and moved into place with ``os.replace``, so a kill at
+any moment leaves either the previous complete file or the new one under the final name.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+import lightrainer
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def weights_payload(trainer: L.Trainer, pl_module: L.LightningModule, best_fitness: float | None) -> dict[str, Any]:
+    """The seed's weights file: epoch, best_fitness, model weights, optimizer state, date (+ config)."""
+    optimizers = trainer.optimizers
+    return {
+        "epoch": trainer.current_epoch,
+        "best_fitness": best_fitness,
+        "model": {k: v.detach().cpu() for k, v in pl_module.weights_state_dict().items()},
+        "optimizer": optimizers[0].state_dict() if optimizers else None,
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "config": pl_module.cfg.to_dict(),
+        "task": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+        "version": lightrainer.__version__,
+    }
+
+
+def fitness_of(pl_module: L.LightningModule) -> tuple[str, str]:
+    """The module's (fitness metric, mode); plain LightningModules select on val/loss."""
+    return getattr(pl_module, "fitness_monitor", ("val/loss", "min"))
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``weights/best.ckpt``/``last.ckpt`` plus ``best.pt``/``last.pt``, all written atomically.
+
+    The best epoch is selected on the module's fitness, read when the fit starts, so the same
+    Trainer serves any task.
+
+    Args:
+        dirpath: the run's ``weights`` folder.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename="best",
+            monitor="val/loss",
+            mode="min",
+            save_last=True,
+            save_top_k=1,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        )
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.monitor, mode = fitness_of(pl_module)
+        self.mode = mode
+        self.kth_value = torch.tensor(-torch.inf if mode == "max" else torch.inf)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        path = Path(filepath)
+        tmp = path.with_name(f".{path.name}.tmp")
+        trainer.save_checkpoint(tmp, self.save_weights_only)
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+            best = self.best_model_score
+            payload = weights_payload(trainer, trainer.lightning_module, None if best is None else float(best))
+            atomic_torch_save(payload, path.with_suffix(".pt"))
+        trainer.strategy.barrier()
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath

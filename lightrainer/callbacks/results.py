@@ -1,0 +1,84 @@
+"""results.csv (a row per epoch: train means, val metrics, lr of each group) and results.png."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from lightrainer.plots import plot_results
+
+log = logging.getLogger(__name__)
+
+
+class ResultsCSV(Callback):
+    """Writes ``results.csv`` each epoch (atomically) and plots ``results.png`` when training ends.
+
+    Args:
+        run_dir: the run folder.
+        plots: draw results.png.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, plots: bool = True) -> None:
+        self.path = Path(run_dir) / "results.csv"
+        self.plots = plots
+        self.rows: list[dict[str, Any]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        train = pl_module.train_epoch_means() if hasattr(pl_module, "train_epoch_means") else {}
+        if not trainer.is_global_zero:
+            return
+        row: dict[str, Any] = {"epoch": trainer.current_epoch + 1}
+        row.update({f"train/{k}": v for k, v in train.items()})
+        for key, value in sorted(trainer.callback_metrics.items()):
+            if key.startswith(("val/", "test/")):
+                row[key] = float(value)
+        if hasattr(pl_module, "current_lrs"):
+            row.update(pl_module.current_lrs())
+        self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
+        self._write()
+
+    def _write(self) -> None:
+        header: list[str] = []
+        for row in self.rows:
+            header += [k for k in row if k not in header]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            for row in self.rows:
+                writer.writerow({k: _fmt(row.get(k)) for k in header})
+        os.replace(tmp, self.path)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._plot(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._plot(trainer)
+
+    def _plot(self, trainer: L.Trainer) -> None:
+        if self.plots and trainer.is_global_zero and self.path.is_file():
+            path = plot_results(self.path)
+            log.info("results plotted to %s", path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict.get("rows", []))
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)

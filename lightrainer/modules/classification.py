@@ -1,0 +1,71 @@
+"""Image (or any tensor) classification on the shared base."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightrainer.config import Config
+from lightrainer.module import LightrainerModule, StepOutput
+
+
+def _infer_num_classes(net: nn.Module) -> int:
+    if isinstance(getattr(net, "num_classes", None), int):
+        return net.num_classes
+    last_linear = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if last_linear:
+        return last_linear[-1].out_features
+    raise ValueError(
+        "cannot tell the number of classes of this network: pass num_classes=... to ClassificationModule"
+    )
+
+
+class ClassificationModule(LightrainerModule):
+    """Cross-entropy classification of any ``nn.Module`` that returns logits.
+
+    Logs loss, top-1 accuracy (``val/acc``) and, with at least 5 classes, top-5 accuracy
+    (``val/acc_top5``). Fitness is ``val/acc``.
+
+    Args:
+        net: the network; ``net(x)`` returns logits of shape (N, num_classes).
+        cfg: the validated config (``label_smoothing`` applies to the loss).
+        num_classes: class count; read from ``net.num_classes`` or its last Linear when omitted.
+    """
+
+    fitness_key = "val/acc"
+    fitness_mode = "max"
+
+    def __init__(self, net: nn.Module, cfg: Config, num_classes: int | None = None) -> None:
+        super().__init__(net, cfg)
+        self.num_classes = num_classes or _infer_num_classes(net)
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        self.metrics = nn.ModuleDict(
+            {stage: self._stage_metrics() for stage in ("val", "test")}
+        )
+
+    def _stage_metrics(self) -> nn.ModuleDict:
+        # validate_args=False: the argument checks sync with the host on every update.
+        metrics = {"acc": MulticlassAccuracy(self.num_classes, top_k=1, average="micro", validate_args=False)}
+        if self.num_classes >= 5:
+            metrics["acc_top5"] = MulticlassAccuracy(
+                self.num_classes, top_k=5, average="micro", validate_args=False
+            )
+        return nn.ModuleDict(metrics)
+
+    def step(self, batch: Any, stage: str) -> StepOutput:
+        x, y = batch[0], batch[1]
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        if stage == "train":
+            return loss, {}
+        metrics = self.metrics[stage]
+        for metric in metrics.values():
+            metric.update(logits, y)
+        return loss, dict(metrics.items())
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self(self.example_input(batch)).softmax(dim=1)

@@ -1,0 +1,143 @@
+"""Registries of optimizers and lr schedules, and the four parameter groups.
+
+Semantics follow Ultralytics' trainer (DESIGN.md "Semantics"): biases never decay, normalisation
+weights and ``logit_scale`` never decay, embedding weights decay at a hundredth of the rate, all
+other weights decay at the scaled rate. Adam-family betas are (momentum, 0.999), SGD is Nesterov,
+RMSProp uses momentum.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from lightrainer.config import Config
+
+#: Order of the parameter groups; warmup treats the first (biases) differently.
+GROUP_NAMES = ("bias", "no_decay", "embedding", "decay")
+
+_NORM_TYPES = tuple(
+    getattr(nn, name)
+    for name in dir(nn)
+    if "Norm" in name and isinstance(getattr(nn, name), type) and issubclass(getattr(nn, name), nn.Module)
+)
+
+
+def _adam_family(cls: type[torch.optim.Optimizer]) -> Callable[..., torch.optim.Optimizer]:
+    def build(groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:
+        return cls(groups, lr=lr, betas=(momentum, 0.999), weight_decay=0.0)
+
+    return build
+
+
+def _sgd(groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, weight_decay=0.0)
+
+
+def _rmsprop(groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:
+    return torch.optim.RMSprop(groups, lr=lr, momentum=momentum, weight_decay=0.0)
+
+
+#: name -> builder(param_groups, lr, momentum); names as the seed spells them.
+OPTIMIZERS: dict[str, Callable[[list[dict], float, float], torch.optim.Optimizer]] = {
+    "SGD": _sgd,
+    "Adam": _adam_family(torch.optim.Adam),
+    "Adamax": _adam_family(torch.optim.Adamax),
+    "AdamW": _adam_family(torch.optim.AdamW),
+    "NAdam": _adam_family(torch.optim.NAdam),
+    "RAdam": _adam_family(torch.optim.RAdam),
+    "RMSProp": _rmsprop,
+}
+
+
+def _cosine(cfg: Config) -> Callable[[float], float]:
+    return lambda x: ((1 - math.cos(x * math.pi / cfg.epochs)) / 2) * (cfg.lrf - 1) + 1
+
+
+def _linear(cfg: Config) -> Callable[[float], float]:
+    return lambda x: max(1 - x / cfg.epochs, 0) * (1.0 - cfg.lrf) + cfg.lrf
+
+
+def _exponential(cfg: Config) -> Callable[[float], float]:
+    return lambda x: cfg.gamma**x * (1.0 - cfg.lrf) + cfg.lrf
+
+
+def _polynomial(cfg: Config) -> Callable[[float], float]:
+    return lambda x: max(1 - x / cfg.epochs, 0) ** cfg.power * (1.0 - cfg.lrf) + cfg.lrf
+
+
+#: name -> factory(cfg) -> lf(epoch); epoch x (0-based) trains at lr0 * lf(x).
+SCHEDULES: dict[str, Callable[[Config], Callable[[float], float]]] = {
+    "Cosine": _cosine,
+    "Linear": _linear,
+    "Exponential": _exponential,
+    "Polynomial": _polynomial,
+}
+
+
+def split_parameters(net: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Sort trainable parameters into the four groups of :data:`GROUP_NAMES`.
+
+    Args:
+        net: the network whose parameters are trained.
+
+    Returns:
+        group name -> parameters, each parameter in exactly one group.
+    """
+    groups: dict[str, list[nn.Parameter]] = {name: [] for name in GROUP_NAMES}
+    seen: set[int] = set()
+    for module_name, module in net.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            if param_name == "bias":
+                groups["bias"].append(param)
+            elif isinstance(module, _NORM_TYPES) or "logit_scale" in full:
+                groups["no_decay"].append(param)
+            elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                groups["embedding"].append(param)
+            else:
+                groups["decay"].append(param)
+    return groups
+
+
+def build_optimizer(net: nn.Module, cfg: Config, lr0: float | None = None) -> torch.optim.Optimizer:
+    """The configured optimizer over the four parameter groups.
+
+    Args:
+        net: the network to optimise.
+        cfg: the config (optimizer, lr0, momentum, weight decay, batch, nbs).
+        lr0: initial lr overriding ``cfg.lr0`` (QAT trains at a tenth).
+
+    Returns:
+        The optimizer; each group carries ``name`` and ``initial_lr``.
+
+    Raises:
+        ValueError: the network has no trainable parameters.
+    """
+    lr = cfg.lr0 if lr0 is None else lr0
+    decay = cfg.weight_decay_scaled
+    weight_decay = {"bias": 0.0, "no_decay": 0.0, "embedding": decay * 0.01, "decay": decay}
+    params = split_parameters(net)
+    if not any(params.values()):
+        raise ValueError("the network has no trainable parameters: nothing to optimise")
+    groups = [
+        {"params": params[name], "name": name, "weight_decay": weight_decay[name], "initial_lr": lr}
+        for name in GROUP_NAMES
+    ]
+    return OPTIMIZERS[cfg.optimizer](groups, lr, cfg.momentum)
+
+
+def schedule(cfg: Config) -> Callable[[float], float]:
+    """The lr factor lf(epoch) of the configured schedule."""
+    return SCHEDULES[cfg.scheduler](cfg)
+
+
+def list_optimizers() -> Iterable[str]:
+    """Names of the registered optimizers."""
+    return tuple(OPTIMIZERS)

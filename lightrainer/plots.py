@@ -1,0 +1,72 @@
+"""Figures written to the run folder (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_results(path: str | os.PathLike) -> dict[str, list[float]]:
+    """results.csv -> column name -> values (missing cells as NaN)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            columns.setdefault(key, []).append(float(value) if value not in ("", None) else math.nan)
+    return columns
+
+
+def plot_results(csv_path: str | os.PathLike, png_path: str | os.PathLike | None = None) -> Path:
+    """Plot every column of results.csv against the epoch: one panel per metric, lrs together.
+
+    Args:
+        csv_path: the run's results.csv.
+        png_path: where to write the figure (default: results.png beside the CSV).
+
+    Returns:
+        The PNG path.
+    """
+    plt = _pyplot()
+    columns = read_results(csv_path)
+    png_path = Path(png_path) if png_path else Path(csv_path).with_name("results.png")
+    epochs = columns.pop("epoch", [])
+    lrs = {k: v for k, v in columns.items() if k.startswith("lr/")}
+    metrics = {k: v for k, v in columns.items() if not k.startswith("lr/")}
+    # Pair train/x with val/x in one panel so over-fitting shows at a glance.
+    panels: dict[str, dict[str, list[float]]] = {}
+    for key, values in metrics.items():
+        stage, _, name = key.partition("/")
+        panels.setdefault(name or stage, {})[key] = values
+    if lrs:
+        panels["learning rate"] = lrs
+    n = max(len(panels), 1)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, (title, series) in zip(axes.flat, panels.items()):
+        for label, values in series.items():
+            ax.plot(epochs, values, marker="." if len(epochs) < 30 else None, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
