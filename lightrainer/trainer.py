@@ -187,7 +187,7 @@ def _feature_callbacks(cfg: Config) -> list[Callback]:
     return callbacks
 
 
-def build_trainer(cfg: Config, **trainer_overrides: Any) -> L.Trainer:
+def build_trainer(cfg: Config, run_dir: str | os.PathLike | None = None, **trainer_overrides: Any) -> L.Trainer:
     """A ``lightning.Trainer`` that runs ``cfg`` as the YAML promises.
 
     Decides the run folder (``save_dir/name``, incremented unless ``exist_ok``) and records it on
@@ -196,6 +196,7 @@ def build_trainer(cfg: Config, **trainer_overrides: Any) -> L.Trainer:
     Args:
         cfg: the validated config. The best checkpoint and early stopping follow the fitted
             module's ``fitness_monitor``.
+        run_dir: use this run folder (resuming a run) instead of a new ``save_dir/name``.
         **trainer_overrides: any ``lightning.Trainer`` argument, taking precedence (e.g.
             ``limit_train_batches=5``); ``callbacks`` are added to the default ones.
 
@@ -207,7 +208,7 @@ def build_trainer(cfg: Config, **trainer_overrides: Any) -> L.Trainer:
     """
     hardware = resolve_devices(cfg)
     world_size = hardware.pop("world_size")
-    run_dir = resolve_run_dir(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else resolve_run_dir(cfg)
     cfg.run_dir, cfg.world_size = str(run_dir), world_size
     if cfg.batch % world_size:
         warnings.warn(

@@ -47,6 +47,15 @@ class ClassificationModule(LightrainerModule):
             {stage: self._stage_metrics() for stage in ("val", "test")}
         )
 
+    @staticmethod
+    def default_net(cfg: Config, datamodule: Any) -> nn.Module:
+        """The network the CLI trains when the YAML names none: SmallCNN sized to the data."""
+        from lightrainer.modules.nets import SmallCNN
+
+        num_classes = getattr(datamodule, "num_classes", None) or 10
+        in_channels = (getattr(datamodule, "input_shape", None) or (1,))[0]
+        return SmallCNN(num_classes=num_classes, in_channels=in_channels)
+
     def _stage_metrics(self) -> nn.ModuleDict:
         # validate_args=False: the argument checks sync with the host on every update.
         metrics = {"acc": MulticlassAccuracy(self.num_classes, top_k=1, average="micro", validate_args=False)}

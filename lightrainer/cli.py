@@ -1,0 +1,333 @@
+"""The ``lightrainer`` command: LightningCLI over the flat YAML, plus export/ptq/benchmark.
+
+``lightrainer fit|validate|test|predict --config FILE [--key value ...]`` reads the flat YAML of
+the original lightrainer (every seed key is also a flag), optionally with ``model:``/``data:``
+sections naming classes, and runs the Lightning Trainer. Every user mistake is caught before any
+work starts and reported in one paragraph with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from lightrainer.config import (
+    _FIELDS,
+    CLI_SECTIONS,
+    Config,
+    ConfigError,
+    _closest_hint,
+    _extra_specs,
+    _read_yaml,
+    field_docs,
+    load_config,
+)
+
+log = logging.getLogger(__name__)
+
+README_URL = "README.md#troubleshooting"
+USAGE = """usage: lightrainer COMMAND [options]
+
+Train a PyTorch model from one flat YAML file, on PyTorch Lightning.
+
+commands:
+  fit        train:                 lightrainer fit --config configs/mnist.yaml [--epochs 3 ...]
+  validate   validate weights:      lightrainer validate --config FILE --ckpt_path RUN/weights/best.ckpt
+  test       test weights:          lightrainer test --config FILE --ckpt_path RUN/weights/best.ckpt
+  predict    predict:               lightrainer predict --config FILE --ckpt_path RUN/weights/best.ckpt
+  export     ONNX / TensorRT:       lightrainer export --weights RUN/weights/best.pt --format onnx
+  ptq        int8 calibration:      lightrainer ptq --config FILE --weights RUN/weights/best.pt
+  benchmark  latency table:         lightrainer benchmark --weights RUN/weights/best.pt
+
+Every YAML key is also a flag (--batch 64). Resume a run: lightrainer fit --config FILE --resume.
+'lightrainer COMMAND --help' lists the options of a command; the README has a table of every key."""
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+TOOL_SUBCOMMANDS = ("export", "ptq", "benchmark")
+# Arguments of Trainer.fit/validate/test/predict that LightningCLI adds to each subcommand.
+_METHOD_FLAGS = {"ckpt_path", "verbose", "return_predictions", "weights_only"}
+
+
+def flat_keys() -> list[str]:
+    """Every flat key: the built-in ones and those the tasks declare."""
+    return list(_FIELDS) + sorted(_extra_specs())
+
+
+# ---------------------------------------------------------------------------------- preflight
+def _split_flag(arg: str, argv: list[str], i: int) -> tuple[str, Optional[str], int]:
+    """``--key=value`` or ``--key value`` -> (key, value, next index)."""
+    body = arg[2:]
+    if "=" in body:
+        key, value = body.split("=", 1)
+        return key, value, i + 1
+    if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        return body, argv[i + 1], i + 2
+    return body, None, i + 1
+
+
+def _set_section_flag(merged: dict[str, Any], key: str, value: Optional[str]) -> None:
+    """``--trainer '{...}'`` replaces a section; ``--trainer.limit_train_batches 5`` sets one entry."""
+    parsed = yaml.safe_load(value) if value is not None else True
+    root, _, path = key.partition(".")
+    if not path:
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"--{root}: expected a mapping like '{{key: value}}', got {value!r}")
+        merged[root] = parsed
+        return
+    node = merged.setdefault(root, {})
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = parsed
+
+
+def read_command_config(argv: list[str]) -> tuple[Config, Optional[str], list[str], bool]:
+    """Validate the config files and flags of a Lightning subcommand before anything runs.
+
+    Args:
+        argv: the arguments after the subcommand.
+
+    Returns:
+        (config, ckpt_path or None, argv for LightningCLI, whether --print_config was asked).
+
+    Raises:
+        ConfigError: a missing/malformed file, an unknown key or flag, a bad value.
+    """
+    keys = set(flat_keys())
+    merged: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
+    ckpt_path: Optional[str] = None
+    print_config = False
+    passthrough: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-c", "--config") or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+            if path is None:
+                raise ConfigError("--config needs a file path")
+            merged.update(_read_yaml(Path(path)))
+            passthrough += ["--config", path]
+            i += 1 if "=" in arg else 2
+            continue
+        if arg.startswith("--print_config"):
+            print_config = True
+            i += 1
+            continue
+        if arg == "--resume":
+            ckpt_path = "last"
+            i += 1
+            continue
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: flags look like --epochs 3")
+        key, value, nxt = _split_flag(arg, argv, i)
+        root = key.split(".", 1)[0]
+        if key in keys:
+            overrides[key] = yaml.safe_load(value) if value is not None else True
+        elif key == "ckpt_path":
+            ckpt_path = value
+        elif root in ("model", "data", "trainer"):
+            _set_section_flag(merged, key, value)
+        elif key in _METHOD_FLAGS or key in ("help", "h"):
+            passthrough += argv[i:nxt]
+        else:
+            raise ConfigError(f"unknown flag --{key}" + _closest_hint(key, keys | _METHOD_FLAGS))
+        if key in keys:
+            passthrough += argv[i:nxt]
+        i = nxt
+    cfg = load_config(merged, **overrides)
+    return cfg, ckpt_path, passthrough, print_config
+
+
+def find_last_checkpoint(cfg: Config) -> Path:
+    """The newest ``weights/last.ckpt`` among the runs ``save_dir/name*``.
+
+    Raises:
+        ConfigError: there is none.
+    """
+    candidates = sorted(
+        Path(cfg.save_dir).glob(f"{cfg.name}*/weights/last.ckpt"), key=lambda p: p.stat().st_mtime
+    )
+    if not candidates:
+        raise ConfigError(
+            f"--resume / --ckpt_path last: no {cfg.save_dir}/{cfg.name}*/weights/last.ckpt to resume from"
+        )
+    return candidates[-1]
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """A lightrainer Lightning checkpoint that exists and loads, or a clear error.
+
+    Raises:
+        ConfigError: missing, unreadable/truncated, or not written by lightrainer.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--ckpt_path: checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure here means the file is unusable
+        raise ConfigError(f"--ckpt_path: {path} is not a readable checkpoint (corrupt or truncated?): {err}") from None
+    if not isinstance(checkpoint, dict) or "lightrainer" not in checkpoint or "state_dict" not in checkpoint:
+        raise ConfigError(
+            f"--ckpt_path: {path} was not written by lightrainer: resume from <run>/weights/last.ckpt"
+        )
+    return path
+
+
+def resolve_ckpt(cfg: Config, ckpt_path: Optional[str]) -> Optional[Path]:
+    """``last`` -> the newest run checkpoint; a path -> checked."""
+    if ckpt_path in (None, "", "None", "null"):
+        return None
+    if ckpt_path == "last":
+        return check_checkpoint(find_last_checkpoint(cfg))
+    return check_checkpoint(ckpt_path)
+
+
+# ---------------------------------------------------------------------------------- LightningCLI
+def _lightning_cli_class() -> type:
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+    class LightrainerCLI(LightningCLI):
+        """LightningCLI whose root keys are the flat lightrainer keys."""
+
+        def __init__(self, cfg: Config, ckpt: Optional[Path], args: list[str]) -> None:
+            self._cfg = cfg
+            self._ckpt = ckpt
+            super().__init__(
+                model_class=None,
+                datamodule_class=None,
+                save_config_callback=None,
+                seed_everything_default=False,
+                auto_configure_optimizers=False,
+                parser_kwargs={"description": "Train from a flat lightrainer YAML."},
+                args=args,
+            )
+
+        def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            parser.add_argument("--model", type=Optional[dict], default=None, help="model: class_path/init_args")
+            parser.add_argument("--data", type=Optional[dict], default=None, help="data: class_path/init_args")
+            parser.add_argument("--trainer", type=Optional[dict], default=None, help="extra lightning.Trainer args")
+
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            docs = field_docs()
+            for key in flat_keys():
+                default, doc = docs.get(key, (None, "task key"))
+                parser.add_argument(f"--{key}", type=Any, default=default, help=f"{doc} (default: {default})")
+
+        def instantiate_classes(self) -> None:
+            from lightrainer.build import build_from_config
+            from lightrainer.trainer import build_trainer
+
+            import lightning as L
+
+            self.config_init = self.config
+            cfg = self._cfg
+            if self.subcommand != "fit":
+                cfg.name = f"{cfg.name}_{self.subcommand}"
+            L.seed_everything(cfg.seed, workers=True, verbose=False)
+            self.model, self.datamodule = build_from_config(cfg)
+            run_dir = self._ckpt.parent.parent if (self._ckpt and self.subcommand == "fit") else None
+            trainer_args = dict(cfg.sections.get("trainer") or {})
+            self.trainer = build_trainer(cfg, run_dir=run_dir, **trainer_args)
+            sub = self.config[self.subcommand]
+            sub["ckpt_path"] = str(self._ckpt) if self._ckpt else None
+
+    return LightrainerCLI
+
+
+# ---------------------------------------------------------------------------------- tools
+def _tool_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lightrainer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="tool", required=True)
+    export = sub.add_parser("export", help="export weights to ONNX (verified) or a TensorRT engine")
+    export.add_argument("--weights", required=True, help="<run>/weights/best.pt")
+    export.add_argument("--format", default="onnx", help="onnx | engine")
+    export.add_argument("--config", default=None, help="YAML (default: the config saved in the weights)")
+    export.add_argument("--int8", action="store_true", help="engine: int8 from a Q/DQ model")
+    export.add_argument("--fp16", action="store_true", help="engine: fp16")
+    ptq = sub.add_parser("ptq", help="post-training quantization of trained weights")
+    ptq.add_argument("--config", required=True)
+    ptq.add_argument("--weights", required=True)
+    bench = sub.add_parser("benchmark", help="latency table: PyTorch, ONNX Runtime (FP32, Q/DQ), TensorRT")
+    bench.add_argument("--weights", required=True)
+    bench.add_argument("--config", default=None)
+    return parser
+
+
+def _config_for_weights(weights: str, config: Optional[str]) -> tuple[Config, dict]:
+    import torch
+
+    path = Path(weights)
+    if not path.is_file():
+        raise ConfigError(f"--weights: file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise ConfigError(f"--weights: {path} is not a readable weights file: {err}") from None
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise ConfigError(f"--weights: {path} is not a lightrainer weights file (no 'model' entry)")
+    saved = payload.get("config") or {}
+    cfg = load_config(config) if config else load_config({k: v for k, v in saved.items() if v is not None})
+    cfg.run_dir = str(path.parent.parent)
+    return cfg, payload
+
+
+def run_tool(argv: list[str]) -> int:
+    """``lightrainer export|ptq|benchmark``."""
+    args = _tool_parser().parse_args(argv)
+    from lightrainer.build import build_from_config
+
+    cfg, _ = _config_for_weights(args.weights, args.config)
+    module, datamodule = build_from_config(cfg)
+    if args.tool == "export":
+        from lightrainer.export import export_from_weights
+
+        export_from_weights(module, datamodule, cfg, args.weights, fmt=args.format, int8=args.int8, fp16=args.fp16)
+    elif args.tool == "ptq":
+        from lightrainer.quant import run_ptq
+
+        run_ptq(module, datamodule, cfg, args.weights)
+    else:
+        from lightrainer.export import benchmark_from_weights
+
+        benchmark_from_weights(module, datamodule, cfg, args.weights)
+    return 0
+
+
+# ---------------------------------------------------------------------------------- entry point
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the ``lightrainer`` command; returns the exit code (2 for a user error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if argv and argv[0] in TOOL_SUBCOMMANDS:
+            return run_tool(argv)
+        if not argv or argv[0] not in LIGHTNING_SUBCOMMANDS:
+            print(USAGE, file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
+            return 0 if argv and argv[0] in ("-h", "--help") else 2
+        if any(a in ("-h", "--help") for a in argv):
+            _lightning_cli_class()(load_config(), None, argv)
+            return 0
+        cfg, ckpt_path, rest, print_config = read_command_config(argv[1:])
+        if print_config:
+            data = cfg.to_dict()
+            data["derived"] = cfg.derived()
+            print(yaml.safe_dump({**data, **cfg.sections}, sort_keys=False), end="")
+            return 0
+        ckpt = resolve_ckpt(cfg, ckpt_path)
+        _lightning_cli_class()(cfg, ckpt, [argv[0], *rest])
+    except ConfigError as err:
+        print(f"lightrainer: error: {err}\n(see {README_URL})", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
