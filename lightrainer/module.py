@@ -62,6 +62,7 @@ class LightrainerModule(L.LightningModule):
         self._train_count = 0
         self._train_means: dict[str, float] | None = None
         self._stage_means = nn.ModuleDict()
+        self._pending_grads: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ the task's part
     def step(self, batch: Any, stage: str) -> StepOutput:
@@ -154,6 +155,11 @@ class LightrainerModule(L.LightningModule):
     def on_optimizer_step_done(self) -> None:
         """Called after each optimizer step (EMA and similar hook in here)."""
 
+    def on_validation_model_zero_grad(self) -> None:
+        # Lightning clears gradients before validating; micro-batch gradients not yet stepped
+        # carry over into the next epoch instead, as in the seed and Ultralytics.
+        pass
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning calls this after AMP unscaling, so the norm is of the true gradients.
         if self.cfg.grad_clip > 0:
@@ -230,8 +236,12 @@ class LightrainerModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Micro-batch gradients not yet stepped carry into the next epoch: keep them, so a resumed
+        # run continues exactly.
+        pending = {n: p.grad.detach().cpu() for n, p in self.net.named_parameters() if p.grad is not None}
         checkpoint["lightrainer"] = {
             "last_opt_step": self._last_opt_step,
+            "pending_grads": pending,
             "config": self.cfg.to_dict(),
             "task": f"{type(self).__module__}.{type(self).__qualname__}",
         }
@@ -244,3 +254,12 @@ class LightrainerModule(L.LightningModule):
                 "resume from <run>/weights/last.ckpt of a lightrainer run"
             )
         self._last_opt_step = int(state["last_opt_step"])
+        self._pending_grads = state.get("pending_grads", {})
+
+    def on_train_start(self) -> None:
+        # Restored here: Lightning's restore path clears gradients after on_load_checkpoint.
+        params = dict(self.net.named_parameters())
+        for name, grad in self._pending_grads.items():
+            if name in params:
+                params[name].grad = grad.to(params[name].device, params[name].dtype)
+        self._pending_grads = {}

@@ -155,11 +155,11 @@ class RunSetup(Callback):
         log.info("run folder: %s", self.cfg.run_dir)
 
 
-def default_callbacks(cfg: Config) -> list[Callback]:
+def default_callbacks(cfg: Config, progress_bar: bool = True) -> list[Callback]:
     """The callbacks every run has, plus those the config asks for (quantization, export)."""
     run_dir = Path(cfg.run_dir)
-    callbacks: list[Callback] = [
-        LightrainerProgressBar(),
+    callbacks: list[Callback] = [LightrainerProgressBar()] if progress_bar else []
+    callbacks += [
         RunSetup(cfg),
         ResultsCSV(run_dir, plots=cfg.plots),
         RunCheckpoint(run_dir / "weights"),
@@ -232,7 +232,7 @@ def build_trainer(cfg: Config, run_dir: str | os.PathLike | None = None, **train
     kwargs.update(trainer_overrides)
     if kwargs.get("logger", True) is True:
         kwargs["logger"] = None  # placeholder, filled below once the folder exists
-    callbacks = default_callbacks(cfg) + extra_callbacks
+    callbacks = default_callbacks(cfg, kwargs.get("enable_progress_bar", True) is not False) + extra_callbacks
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "weights").mkdir(exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)

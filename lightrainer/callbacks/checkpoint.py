@@ -71,6 +71,34 @@ class RunCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
         )
 
+    _last_epoch_saved = -1
+
+    def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
+        # Once per epoch, even when the epoch made no optimizer step (long accumulation).
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        return (
+            bool(trainer.fast_dev_run)
+            or trainer.state.fn != TrainerFn.FITTING
+            or trainer.sanity_checking
+            or self._last_epoch_saved == trainer.current_epoch
+        )
+
+    def _save_epoch(self, trainer: L.Trainer) -> None:
+        # Lightning 2.6 writes last.ckpt only in epochs that improved the best: we want every epoch.
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+        self._last_epoch_saved = trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(trainer):
+            self._save_epoch(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer):
+            self._save_epoch(trainer)
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self.monitor, mode = fitness_of(pl_module)

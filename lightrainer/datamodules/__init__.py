@@ -1,0 +1,17 @@
+"""LightningDataModules: in-memory tensors, arrays, image folders and offline built-in sets."""
+
+from lightrainer.datamodules.arrays import ArrayDataModule
+from lightrainer.datamodules.base import LightrainerDataModule
+from lightrainer.datamodules.digits import DigitsDataModule
+from lightrainer.datamodules.folder import ImageFolderDataModule
+from lightrainer.datamodules.memory import InMemoryBatchLoader
+from lightrainer.datamodules.mnist import MNIST5kDataModule
+
+__all__ = [
+    "ArrayDataModule",
+    "DigitsDataModule",
+    "ImageFolderDataModule",
+    "InMemoryBatchLoader",
+    "LightrainerDataModule",
+    "MNIST5kDataModule",
+]

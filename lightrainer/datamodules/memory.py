@@ -1,0 +1,246 @@
+"""Serve whole batches from tensors held in memory: no per-sample ``__getitem__``, no collate.
+
+Order and sharding are defined so that a run is reproducible and independent of the number of
+devices:
+
+* epoch ``e`` shuffles with ``torch.randperm(N, generator=torch.Generator().manual_seed(seed + e))``
+  (no shuffling: ``arange(N)``);
+* the permutation is cut into *global* batches of ``batch_size * world_size`` samples;
+* rank ``r`` takes the ``r``-th contiguous chunk of ``batch_size`` samples of each global batch.
+
+So the batches of one process with batch ``B`` are exactly the union of what ``W`` ranks see with
+``B / W`` each. The last, partial global batch of ``rem`` samples is split as evenly as possible
+(the first ``rem % W`` ranks take one sample more). Where ``rem < W`` some rank would get nothing:
+
+* ``equal_batches=True`` (training): that partial global batch is dropped on every rank (at most
+  ``W - 1`` samples an epoch, a different set each epoch), because under DDP all ranks must run the
+  same number of steps or the gradient all-reduce hangs;
+* ``equal_batches=False`` (validation): the ranks that would get nothing yield one batch fewer, so
+  every sample is seen exactly once (no padding, no duplicates). Metrics that synchronise once at
+  epoch end (torchmetrics, epoch-level ``self.log``) are fine with that; a per-step collective is not.
+
+The epoch advances by itself each time a new iteration starts (Lightning calls ``set_epoch`` only
+on ``loader.sampler``, which this loader also provides), and ``state_dict``/``load_state_dict``
+carry the epoch counter, so a resumed run continues the epoch sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from torch.utils.data import Sampler
+
+log = logging.getLogger(__name__)
+
+BatchTransform = Callable[[Tensor, torch.Generator], Tensor]
+"""A training-batch augmentation: ``transform(x, generator) -> x`` drawing all randomness from
+``generator`` (a generator on ``x``'s device), so runs are reproducible."""
+
+
+def _mix_seed(seed: int, epoch: int, rank: int) -> int:
+    # A distinct, deterministic stream per (seed, epoch, rank) for batch augmentation.
+    return (seed * 1_000_003 + epoch * 10_007 + rank * 101 + 12_345) % (2**63 - 1)
+
+
+class EpochSampler(Sampler[int]):
+    """The per-epoch order of ``range(n)``: ``torch.randperm(n)`` seeded with ``seed + epoch``.
+
+    Args:
+        n: number of samples.
+        shuffle: permute each epoch (else ``0..n-1``).
+        seed: base seed; epoch ``e`` uses ``seed + e``.
+    """
+
+    def __init__(self, n: int, shuffle: bool = True, seed: int = 0) -> None:
+        self.n = n
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order the next iteration uses."""
+        self.epoch = int(epoch)
+
+    def permutation(self, epoch: Optional[int] = None) -> Tensor:
+        """The order of ``epoch`` (default: the current one), a CPU int64 tensor."""
+        epoch = self.epoch if epoch is None else epoch
+        if not self.shuffle:
+            return torch.arange(self.n)
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n, generator=generator)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.permutation().tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def shard_ranges(
+    n: int, batch_size: int, rank: int = 0, world_size: int = 1, drop_last: bool = False, equal_batches: bool = True
+) -> list[tuple[int, int]]:
+    """Positions ``[start, end)`` in the epoch order that rank ``rank`` serves, one per batch.
+
+    Args:
+        n: samples in the epoch.
+        batch_size: per-rank batch.
+        rank: this rank.
+        world_size: number of ranks.
+        drop_last: drop the last partial global batch.
+        equal_batches: where the last partial global batch has fewer samples than ranks, drop it
+            (True) or let the ranks without a sample yield one batch fewer (False).
+
+    Returns:
+        The ranges, in order.
+    """
+    global_batch = batch_size * world_size
+    full, rem = divmod(n, global_batch)
+    ranges = [(g * global_batch + rank * batch_size, g * global_batch + (rank + 1) * batch_size) for g in range(full)]
+    if rem and not drop_last and (rem >= world_size or not equal_batches):
+        base, extra = divmod(rem, world_size)
+        size = base + (1 if rank < extra else 0)
+        if size:
+            start = full * global_batch + rank * base + min(rank, extra)
+            ranges.append((start, start + size))
+    return ranges
+
+
+class InMemoryBatchLoader:
+    """Batches of in-memory tensors by indexing, sharded across ranks (see the module docstring).
+
+    Iterating yields tuples ``(x, y)`` (or ``(x,)`` for image-only data), like a DataLoader over a
+    TensorDataset. Tensors stay on their device; indices are moved there once an epoch.
+
+    Args:
+        tensors: ``(x, y)``, ``(x,)``, ``(x, None)`` or a single tensor; equal first dimensions.
+        batch_size: the per-device batch; the global batch is ``batch_size * world_size``.
+        shuffle: a new seeded permutation each epoch.
+        seed: base seed of the epoch permutations and of the transform's generator.
+        drop_last: drop the last partial global batch.
+        rank: this process's rank.
+        world_size: number of processes.
+        transform: optional :data:`BatchTransform` applied to each x batch (training only).
+        equal_batches: every rank yields the same number of batches (True for training under DDP).
+
+    Raises:
+        ValueError: empty or mismatched tensors, a batch size below 1, a rank out of range.
+    """
+
+    def __init__(
+        self,
+        tensors: Union[Tensor, Sequence[Optional[Tensor]]],
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        transform: Optional[BatchTransform] = None,
+        equal_batches: bool = True,
+    ) -> None:
+        if isinstance(tensors, Tensor):
+            tensors = (tensors,)
+        tensors = tuple(t for t in tensors if t is not None)
+        if not tensors or not all(isinstance(t, Tensor) for t in tensors):
+            raise ValueError("InMemoryBatchLoader: tensors must be a tensor or a sequence (x, y) of tensors")
+        lengths = [len(t) for t in tensors]
+        if len(set(lengths)) != 1:
+            raise ValueError(f"InMemoryBatchLoader: tensors have different lengths {lengths}; x and y must match")
+        if lengths[0] == 0:
+            raise ValueError("InMemoryBatchLoader: no samples (the tensors are empty)")
+        if batch_size < 1:
+            raise ValueError(f"InMemoryBatchLoader: batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"InMemoryBatchLoader: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.tensors = tensors
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.transform = transform
+        self.equal_batches = equal_batches
+        self.sampler = EpochSampler(lengths[0], shuffle=shuffle, seed=seed)
+        self.batch_sampler = None  # Lightning inspects both attributes, as on a DataLoader
+        self._ranges = shard_ranges(lengths[0], batch_size, rank, world_size, drop_last, equal_batches)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration serves."""
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration serves (Lightning calls ``sampler.set_epoch``)."""
+        self.sampler.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch counter, for resuming (saved by Lightning in its checkpoints)."""
+        return {"epoch": self.sampler.epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore the epoch counter of :meth:`state_dict`."""
+        self.sampler.set_epoch(state["epoch"])
+
+    def __len__(self) -> int:
+        return len(self._ranges)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        # A generator: `iter(loader)` alone (Lightning probes it) does not consume an epoch.
+        return self._epoch_batches()
+
+    def _epoch_batches(self) -> Iterator[tuple[Tensor, ...]]:
+        epoch = self.sampler.epoch
+        self.sampler.set_epoch(epoch + 1)
+        device = self.tensors[0].device
+        order = self.sampler.permutation(epoch).to(device) if self.sampler.shuffle else None
+        generator = None
+        if self.transform is not None:
+            generator = torch.Generator(device=device).manual_seed(_mix_seed(self.sampler.seed, epoch, self.rank))
+        for start, end in self._ranges:
+            if order is None:
+                batch = tuple(t[start:end] for t in self.tensors)
+            else:
+                index = order[start:end]
+                batch = tuple(t[index] for t in self.tensors)
+            if generator is not None:
+                batch = (self.transform(batch[0], generator),) + batch[1:]
+            yield batch
+
+
+class RandomShift:
+    """Random integer translation of each image by up to ``+-shift`` pixels, both axes.
+
+    Pixels shifted in take ``fill`` (the background value in the data's normalised units).
+
+    Args:
+        shift: largest shift in pixels (0 = identity).
+        fill: value of the pixels that enter the image.
+    """
+
+    def __init__(self, shift: int, fill: float = 0.0) -> None:
+        if shift < 0:
+            raise ValueError(f"RandomShift: shift must be >= 0, got {shift}")
+        self.shift = int(shift)
+        self.fill = float(fill)
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        if self.shift == 0:
+            return x
+        if x.dim() != 4:
+            raise ValueError(f"RandomShift: expects images N,C,H,W, got shape {tuple(x.shape)}")
+        n, _, h, w = x.shape
+        s = self.shift
+        padded = torch.nn.functional.pad(x, (s, s, s, s), value=self.fill)
+        offsets = torch.randint(0, 2 * s + 1, (2, n), generator=generator, device=generator.device).to(x.device)
+        rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # (n, h)
+        cols = offsets[1, :, None] + torch.arange(w, device=x.device)  # (n, w)
+        batch = torch.arange(n, device=x.device)[:, None, None]
+        # Advanced indices around a slice put the indexed dims first: (n, h, w, c).
+        out = padded[batch, :, rows[:, :, None], cols[:, None, :]]
+        return out.permute(0, 3, 1, 2).contiguous()
+
+    def __repr__(self) -> str:
+        return f"RandomShift(shift={self.shift}, fill={self.fill})"
