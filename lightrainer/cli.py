@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -200,6 +201,12 @@ def _lightning_cli_class() -> type:
         def __init__(self, cfg: Config, ckpt: Optional[Path], args: list[str]) -> None:
             self._cfg = cfg
             self._ckpt = ckpt
+            with warnings.catch_warnings():
+                # We always pass args (already validated); LightningCLI warns when sys.argv is set too.
+                warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+                self._run_lightning_cli(args)
+
+        def _run_lightning_cli(self, args: list[str]) -> None:
             super().__init__(
                 model_class=None,
                 datamodule_class=None,

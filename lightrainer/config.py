@@ -324,7 +324,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: malformed YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -340,7 +343,8 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any], None] = None,
         **overrides: keys that replace those of ``source``.
 
     Returns:
-        The validated :class:`Config`.
+        The validated :class:`Config`. Python, NumPy and torch are seeded with ``cfg.seed``, so a
+        network built right after (as in a notebook) starts from the same weights as on the CLI.
 
     Raises:
         ConfigError: a missing or malformed file, an unknown key (with the closest known key), a
@@ -380,7 +384,21 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any], None] = None,
         raise ConfigError("ptq and qat are both True: choose one (qat trains quantized; ptq calibrates after fit)")
     if values.get("export") is not None and values["export"] not in ("onnx", "engine"):
         raise ConfigError(f"export: {values['export']!r} is not one of onnx, engine, None")
-    return Config(**values, extras=extras, sections=sections)
+    cfg = Config(**values, extras=extras, sections=sections)
+    seed_all(cfg.seed)
+    return cfg
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _normalise_device(device: Any) -> Union[str, list[int], None]:
