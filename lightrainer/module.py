@@ -204,10 +204,12 @@ class LightrainerModule(L.LightningModule):
     def _eval_step(self, batch: Any, stage: str) -> Tensor:
         loss, items = self.step(batch, stage)
         n = self._batch_size(batch)
+        fitness = self.fitness_monitor[0].split("/", 1)[-1]
         for name, value in {"loss": loss, **dict(items)}.items():
             key = f"{stage}/{name}"
+            on_bar = name in ("loss", fitness)
             if isinstance(value, torchmetrics.Metric):
-                self.log(key, value, on_step=False, on_epoch=True, prog_bar=name == "loss")
+                self.log(key, value, on_step=False, on_epoch=True, prog_bar=on_bar)
                 continue
             attr = f"{stage}_{name}".replace(".", "_").replace("/", "_")
             if attr not in self._stage_means:
@@ -220,7 +222,7 @@ class LightrainerModule(L.LightningModule):
                 on_step=False,
                 on_epoch=True,
                 batch_size=n,
-                prog_bar=name == "loss",
+                prog_bar=on_bar,
                 metric_attribute=f"_stage_means.{attr}",
             )
         return loss
