@@ -229,7 +229,7 @@ def _lightning_cli_class() -> type:
                 parser.add_argument(f"--{key}", type=Any, default=default, help=f"{doc} (default: {default})")
 
         def instantiate_classes(self) -> None:
-            from lightrainer.build import build_from_config
+            from lightrainer.build import build_from_config, instantiate
             from lightrainer.trainer import build_trainer
 
             import lightning as L
@@ -241,7 +241,10 @@ def _lightning_cli_class() -> type:
             L.seed_everything(cfg.seed, workers=True, verbose=False)
             self.model, self.datamodule = build_from_config(cfg)
             run_dir = self._ckpt.parent.parent if (self._ckpt and self.subcommand == "fit") else None
-            trainer_args = dict(cfg.sections.get("trainer") or {})
+            trainer_args = {
+                key: instantiate(value, cfg, f"trainer.{key}")
+                for key, value in (cfg.sections.get("trainer") or {}).items()
+            }
             self.trainer = build_trainer(cfg, run_dir=run_dir, **trainer_args)
             sub = self.config[self.subcommand]
             sub["ckpt_path"] = str(self._ckpt) if self._ckpt else None
@@ -309,6 +312,15 @@ def run_tool(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------- entry point
+def _is_user_error(err: Exception) -> bool:
+    """Errors that describe a user mistake or a missing optional dependency (exit 2, no traceback)."""
+    from lightrainer.export.errors import ExportError, MissingDependencyError
+
+    if isinstance(err, (ConfigError, ExportError, MissingDependencyError)):
+        return True
+    # The project's own error types (quantization, tasks) subclass ValueError.
+    return isinstance(err, ValueError) and type(err).__module__.startswith("lightrainer.")
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the ``lightrainer`` command; returns the exit code (2 for a user error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -330,7 +342,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         ckpt = resolve_ckpt(cfg, ckpt_path)
         _lightning_cli_class()(cfg, ckpt, [argv[0], *rest])
-    except ConfigError as err:
+    except Exception as err:  # noqa: BLE001 - user errors become exit 2, anything else re-raises
+        if not _is_user_error(err):
+            raise
         print(f"lightrainer: error: {err}\n(see {README_URL})", file=sys.stderr)
         return 2
     return 0

@@ -206,6 +206,12 @@ def build_trainer(cfg: Config, run_dir: str | os.PathLike | None = None, **train
     Raises:
         ConfigError: devices that do not exist, an optional logger that is not installed.
     """
+    if cfg.ptq or cfg.qat:
+        # A missing backend, the fake pytorch-quantization 2.2.x or a bad method fail here,
+        # before the run folder exists.
+        from lightrainer.quant.workflow import check_quant_config
+
+        check_quant_config(cfg)
     hardware = resolve_devices(cfg)
     world_size = hardware.pop("world_size")
     run_dir = Path(run_dir) if run_dir is not None else resolve_run_dir(cfg)

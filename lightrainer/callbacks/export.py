@@ -1,0 +1,97 @@
+"""Export the best weights at the end of fit: verified ONNX, and a TensorRT engine on request."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from lightrainer.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class ExportCallback(Callback):
+    """After ``fit``, export ``weights/best.pt`` as ``weights/best.onnx`` (verified on the val split).
+
+    ``export: onnx`` writes the ONNX model (a VQ-VAE also its encoder and decoder) with a
+    ``.verify.json`` report beside each; ``export: engine`` or ``trt_quant: True`` also builds
+    ``weights/best.engine`` (int8 from a Q/DQ model with ``trt_quant``). Only rank 0 exports.
+
+    Failures raise: a wrong or missing export is never reported as a success. The trained weights
+    are already on disk when this runs, and the error message says how to retry with
+    ``lightrainer export``. What can be checked before training is checked at the start of fit
+    (onnx/onnxruntime installed; TensorRT and a GPU for an engine), so a missing dependency stops
+    the run before any epoch instead of after the last.
+
+    Args:
+        cfg: the run's config (``export``, ``trt_quant``, ``run_dir``).
+        quantize: ``quantize(module, datamodule) -> fake-quant net`` (PTQ) for ``trt_quant`` with a
+            float network; without it, ``trt_quant`` needs ``ptq``/``qat`` to have quantized the net.
+        max_batches: validation batches the verification runs on (None = all).
+    """
+
+    def __init__(self, cfg: Config, quantize: Any = None, max_batches: int | None = 32) -> None:
+        self.cfg = cfg
+        self.quantize = quantize
+        self.max_batches = max_batches
+
+    @property
+    def format(self) -> str | None:
+        """"engine", "onnx" or None (nothing to export)."""
+        if self.cfg.export == "engine" or self.cfg.trt_quant:
+            return "engine"
+        return self.cfg.export
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.format is None:
+            return
+        from lightrainer.export.graph import require_onnx
+        from lightrainer.export.verify import require_onnxruntime
+
+        require_onnx()
+        require_onnxruntime()
+        if self.cfg.trt_quant and not (self.cfg.ptq or self.cfg.qat) and self.quantize is None:
+            from lightrainer.export.errors import ExportError
+
+            raise ExportError(
+                "trt_quant: an int8 engine needs a quantized model: also set ptq: True (calibrate after fit) "
+                "or qat: True (quantization-aware training)"
+            )
+        if self.format == "engine":
+            from lightrainer.export.tensorrt import check_tensorrt
+
+            check_tensorrt()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.format is None or not trainer.is_global_zero:
+            return
+        from lightrainer.export.errors import ExportError, MissingDependencyError
+        from lightrainer.export.pipeline import export_from_weights
+
+        run_dir = Path(self.cfg.run_dir or trainer.default_root_dir)
+        weights = run_dir / "weights" / "best.pt"
+        if not weights.is_file():
+            weights = run_dir / "weights" / "last.pt"
+        val_inputs = None
+        if trainer.datamodule is None:  # fit(model, train_dataloaders, val_dataloaders)
+            loaders = trainer.val_dataloaders
+            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+            val_inputs = [pl_module.example_input(b) for b in itertools.islice(loader, self.max_batches)]
+        try:
+            result = export_from_weights(
+                pl_module, trainer.datamodule, self.cfg, weights, self.format,
+                int8=self.cfg.trt_quant, quantize=self.quantize, max_batches=self.max_batches, val_inputs=val_inputs,
+            )
+        except (ExportError, MissingDependencyError):
+            log.error(
+                "export failed; the trained weights are safe in %s. Retry with: lightrainer export --weights %s --format %s",
+                weights.parent, weights, self.format,
+            )
+            raise
+        for path in result.onnx + ([result.engine] if result.engine else []):
+            log.info("exported %s", path)

@@ -1,0 +1,66 @@
+"""Export: verified ONNX (float and Q/DQ), TensorRT engines, latency tables.
+
+``export_onnx`` writes one model (atomically, checked, verified against PyTorch on real batches
+when given them); ``export_from_weights`` runs the whole export of a run (the callback and
+``lightrainer export`` call it); ``build_engine`` turns an ONNX model into a TensorRT engine;
+``benchmark_latency`` times PyTorch, ONNX Runtime and TensorRT.
+"""
+
+from lightrainer.export.errors import ExportError, MissingDependencyError
+from lightrainer.export.graph import QdqLayer, count_qdq_nodes, input_spec, qdq_layers, read_metadata
+from lightrainer.export.latency import LatencyRow, benchmark_latency, latency_markdown, write_latency
+from lightrainer.export.onnx import DEFAULT_OPSET, export_onnx
+from lightrainer.export.pipeline import (
+    FORMATS,
+    ExportResult,
+    apply_weights,
+    benchmark_from_weights,
+    check_format,
+    export_from_weights,
+    load_weights,
+)
+from lightrainer.export.tensorrt import (
+    EnginePlan,
+    EngineRequest,
+    TrtApi,
+    build_engine,
+    check_tensorrt,
+    engine_plan,
+    engine_request,
+    trtexec_command,
+)
+from lightrainer.export.verify import Tolerance, VerifyReport, verify_onnx
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "FORMATS",
+    "EnginePlan",
+    "EngineRequest",
+    "ExportError",
+    "ExportResult",
+    "LatencyRow",
+    "MissingDependencyError",
+    "QdqLayer",
+    "Tolerance",
+    "TrtApi",
+    "VerifyReport",
+    "apply_weights",
+    "benchmark_from_weights",
+    "benchmark_latency",
+    "build_engine",
+    "check_format",
+    "check_tensorrt",
+    "count_qdq_nodes",
+    "engine_plan",
+    "engine_request",
+    "export_from_weights",
+    "export_onnx",
+    "input_spec",
+    "latency_markdown",
+    "load_weights",
+    "qdq_layers",
+    "read_metadata",
+    "trtexec_command",
+    "verify_onnx",
+    "write_latency",
+]

@@ -1,0 +1,78 @@
+"""Int8 quantization for TensorRT: one small interface over pytorch-quantization and ModelOpt.
+
+    net = quantize_model(net, backend="auto", keep_float=("head",))
+    calibrate(net, train_loader, method="entropy", num_batches=20)
+    with qdq_export_context(net):  # Q/DQ ONNX
+        ...
+"""
+
+from lightrainer.quant.base import (
+    INSTALL_HINT,
+    QuantBackend,
+    backend_of,
+    get_backend,
+    iter_quantizers,
+    list_backends,
+    register_backend,
+)
+from lightrainer.quant.calibrate import (
+    CalibMethod,
+    CalibrationResult,
+    calibrate,
+    get_calib_method,
+    list_calib_methods,
+    mse_amax,
+    refresh_weight_amax,
+    register_calib_method,
+)
+from lightrainer.quant.qdq import compare_onnx, export_qdq_onnx, qdq_export_context, qdq_translation_table
+from lightrainer.quant.replace import (
+    add_quantizers,
+    class_swap_factory,
+    is_quantized_state_dict,
+    load_quantized_state_dict,
+    quant_layer_types,
+    quantizable_layers,
+    quantize_model,
+    register_quant_layer,
+)
+from lightrainer.quant.sensitivity import LayerSensitivity, quant_sensitivity, write_sensitivity
+from lightrainer.quant.workflow import PTQResult, check_quant_config, evaluate, post_training_quantize, run_ptq
+
+__all__ = [
+    "LayerSensitivity",
+    "PTQResult",
+    "check_quant_config",
+    "compare_onnx",
+    "evaluate",
+    "export_qdq_onnx",
+    "is_quantized_state_dict",
+    "load_quantized_state_dict",
+    "post_training_quantize",
+    "qdq_export_context",
+    "qdq_translation_table",
+    "quant_sensitivity",
+    "run_ptq",
+    "write_sensitivity",
+    "INSTALL_HINT",
+    "CalibMethod",
+    "CalibrationResult",
+    "QuantBackend",
+    "add_quantizers",
+    "backend_of",
+    "calibrate",
+    "class_swap_factory",
+    "get_backend",
+    "get_calib_method",
+    "iter_quantizers",
+    "list_backends",
+    "list_calib_methods",
+    "mse_amax",
+    "refresh_weight_amax",
+    "quant_layer_types",
+    "quantizable_layers",
+    "quantize_model",
+    "register_backend",
+    "register_calib_method",
+    "register_quant_layer",
+]

@@ -1,0 +1,150 @@
+"""The quantization backend interface and the backend registry.
+
+A backend supplies NVIDIA-style ``TensorQuantizer`` modules and calibrators (per-tensor histogram
+for activations, per-channel max for weights, symmetric int8, zero point 0). Everything else
+(module replacement, the calibration loop, amax methods, Q/DQ export) is written once against the
+calibration API both libraries share: ``disable_quant`` / ``enable_calib`` / forward passes /
+``load_calib_amax`` / ``enable_quant``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+from abc import ABC, abstractmethod
+from typing import Any, Iterator
+
+from torch import nn
+
+from lightrainer.config import ConfigError
+
+INSTALL_HINT = 'pip install "lightrainer[quant]"'
+NUM_BITS = 8
+
+
+class QuantBackend(ABC):
+    """One quantization library behind the project's quantizer interface."""
+
+    #: the ``quant_backend`` key's value naming this backend
+    name: str = ""
+    #: the import name of the library
+    module: str = ""
+
+    @abstractmethod
+    def check_installed(self) -> None:
+        """Raise :class:`ConfigError` in one line (naming the pip command) where the library is unusable."""
+
+    @abstractmethod
+    def make_quantizer(self, axis: int | None) -> nn.Module:
+        """A fake-quant int8 quantizer: per-tensor (``axis=None``) or per-channel along ``axis``."""
+
+    @abstractmethod
+    def make_calibrator(self, kind: str, axis: int | None, num_bins: int) -> Any:
+        """A fresh calibrator: ``kind`` is "max" or "histogram" (histograms are per-tensor only)."""
+
+    def is_quantizer(self, module: nn.Module) -> bool:
+        """Whether ``module`` is one of this library's quantizers."""
+        return type(module).__module__.startswith(self.module + ".")
+
+    def quiet(self) -> contextlib.AbstractContextManager:
+        """Silence the library's chatty logging while the project drives it."""
+        return contextlib.nullcontext()
+
+
+def dist_version(dist: str) -> str | None:
+    """The installed version of a distribution, or None when it is not installed."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+_BACKENDS: dict[str, QuantBackend] = {}
+
+
+def register_backend(backend: QuantBackend) -> None:
+    """Add a backend to the registry (``quant_backend: <backend.name>``)."""
+    _BACKENDS[backend.name] = backend
+
+
+def list_backends() -> list[str]:
+    """Registered backend names, in ``auto`` preference order."""
+    _register_builtin()
+    return list(_BACKENDS)
+
+
+def get_backend(name: str | QuantBackend = "auto") -> QuantBackend:
+    """The backend named by ``quant_backend``, checked to be usable.
+
+    Args:
+        name: a backend name, "auto" (the first installed, pytorch_quantization first), or a backend.
+
+    Returns:
+        The backend, its library importable.
+
+    Raises:
+        ConfigError: unknown name; the named library missing or broken; for "auto", none installed.
+    """
+    if isinstance(name, QuantBackend):
+        name.check_installed()
+        return name
+    _register_builtin()
+    if name != "auto":
+        if name not in _BACKENDS:
+            raise ConfigError(f"quant_backend: {name!r} is not one of {', '.join(('auto', *_BACKENDS))}")
+        _BACKENDS[name].check_installed()
+        return _BACKENDS[name]
+    errors = []
+    for backend in _BACKENDS.values():
+        try:
+            backend.check_installed()
+        except ConfigError as err:
+            errors.append(str(err))
+            if "placeholder" in str(err):
+                # A broken install is worth fixing, not silently skipping.
+                raise
+            continue
+        return backend
+    raise ConfigError(
+        f"ptq/qat need a quantization library and none is installed ({'; '.join(errors)}): {INSTALL_HINT}"
+    )
+
+
+def backend_of(net: nn.Module) -> QuantBackend:
+    """The backend whose quantizers ``net`` holds.
+
+    Raises:
+        ValueError: the network holds no quantizer.
+    """
+    _register_builtin()
+    for module in net.modules():
+        for backend in _BACKENDS.values():
+            if backend.is_quantizer(module):
+                return backend
+    raise ValueError("the network is not quantized: call lightrainer.quant.quantize_model(net) first")
+
+
+def _register_builtin() -> None:
+    if _BACKENDS:
+        return
+    from lightrainer.quant.modelopt import ModelOptBackend
+    from lightrainer.quant.pytorch_quantization import PytorchQuantizationBackend
+
+    for backend in (PytorchQuantizationBackend(), ModelOptBackend()):
+        _BACKENDS.setdefault(backend.name, backend)
+
+
+def iter_quantizers(net: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, quantizer) for every input and weight quantizer in ``net``, in module order.
+
+    Quantizers are found by name: a quantized layer keeps them as ``input_quantizer`` and
+    ``weight_quantizer`` (NVIDIA's own Quant* modules prefix an underscore; both are accepted).
+    """
+    for name, module in net.named_modules():
+        if name.rsplit(".", 1)[-1].lstrip("_") in ("input_quantizer", "weight_quantizer"):
+            yield name, module
+
+
+def is_weight_quantizer(name: str) -> bool:
+    """Whether the quantizer called ``name`` quantizes a weight (per-channel) rather than an input."""
+    return name.rsplit(".", 1)[-1].lstrip("_") == "weight_quantizer"
