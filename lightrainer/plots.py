@@ -17,6 +17,17 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Save a figure atomically (temporary file, then rename) and close it."""
+    plt = _pyplot()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def read_results(path: str | os.PathLike) -> dict[str, list[float]]:
     """results.csv -> column name -> values (missing cells as NaN)."""
     with open(path, newline="") as f:
@@ -65,8 +76,4 @@ def plot_results(csv_path: str | os.PathLike, png_path: str | os.PathLike | None
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path
+    return save_figure(fig, png_path)

@@ -33,6 +33,18 @@ def test_cli_fit_writes_the_run_folder(tmp_path, mnist: str) -> None:
     for name in ("args.yaml", "results.csv", "results.png", "weights/best.pt", "weights/last.pt", "weights/last.ckpt"):
         assert (run / name).is_file(), name
     assert len(results(run)) == 1
+    for picture in ("results.png", "confusion_matrix.png", "worst_val.png"):
+        assert_real_picture(run / picture)
+
+
+def assert_real_picture(path: Path, min_side: int = 300) -> None:
+    """A PNG of a sensible size that is not blank."""
+    import numpy as np
+    from PIL import Image
+
+    image = np.asarray(Image.open(path).convert("L"), dtype=float)
+    assert min(image.shape) >= min_side, (path, image.shape)
+    assert image.std() > 5, f"{path} looks blank"
 
 
 def test_notebook_and_cli_agree(tmp_path, mnist: str) -> None:

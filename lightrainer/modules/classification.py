@@ -76,5 +76,11 @@ class ClassificationModule(LightrainerModule):
             metric.update(logits, y)
         return loss, dict(metrics.items())
 
+    def configure_callbacks(self) -> list:
+        """Confusion matrix and worst-classified images at the end of fit (when ``plots``)."""
+        from lightrainer.callbacks.classification_plots import ClassificationPlots
+
+        return [ClassificationPlots()] if self.cfg.plots else []
+
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self(self.example_input(batch)).softmax(dim=1)
