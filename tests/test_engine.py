@@ -271,3 +271,26 @@ def test_resume_continues_epochs_and_lr_curve(tmp_path) -> None:
     full_rows = (tmp_path / "full" / "results.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in cut_rows] == ["epoch", "1", "2", "3", "4"]
     assert cut_rows == full_rows
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU fallbacks")
+def test_gpu_and_amp_requests_fall_back_to_the_cpu_with_a_warning(tmp_path) -> None:
+    cfg = base_cfg(tmp_path, device="0", amp=True)
+    with pytest.warns(UserWarning) as caught:
+        trainer = lt.build_trainer(cfg)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "device=[0] asks for CUDA GPUs but none is available" in messages
+    assert "amp=True needs a CUDA device" in messages
+    assert trainer.accelerator.__class__.__name__ == "CPUAccelerator"
+    assert trainer.precision == "32-true"
+
+
+def test_fitness_from_the_config_selects_best(tmp_path) -> None:
+    cfg = base_cfg(tmp_path, epochs=3, fitness="loss")
+    trainer, _, module = fit(cfg, make_net(), tmp_path)
+    assert module.fitness_monitor == ("val/loss", "min")
+    rows = (tmp_path / "train" / "results.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    losses = [float(r.split(",")[header.index("val/loss")]) for r in rows[1:]]
+    best = torch.load(tmp_path / "train" / "weights" / "best.pt", weights_only=True)
+    assert best["best_fitness"] == pytest.approx(min(losses), rel=1e-5)
