@@ -410,3 +410,18 @@ def test_loader_on_gpu_tensors_matches_cpu_order():
     batches = list(loader)
     assert all(b[0].is_cuda and b[1].is_cuda for b in batches)
     assert torch.cat([b[1] for b in batches]).cpu().tolist() == expected_order(50, 2, 0)
+
+
+def test_augmentation_does_not_depend_on_the_device_count():
+    """One process with batch 8 and two ranks with 4 each augment every sample identically."""
+    x = torch.randn(37, 1, 6, 6)
+    y = torch.arange(37)
+    single = InMemoryBatchLoader((x, y), 8, shuffle=True, seed=3, transform=RandomShift(2))
+    ranks = [InMemoryBatchLoader((x, y), 4, shuffle=True, seed=3, rank=r, world_size=2, transform=RandomShift(2))
+             for r in range(2)]
+    for _ in range(2):  # two epochs
+        one = list(single)
+        two = list(zip(*ranks))
+        for (bx, by), ((x0, y0), (x1, y1)) in zip(one, two):
+            torch.testing.assert_close(bx, torch.cat([x0, x1]))
+            assert torch.equal(by, torch.cat([y0, y1]))

@@ -22,6 +22,10 @@ So the batches of one process with batch ``B`` are exactly the union of what ``W
 The epoch advances by itself each time a new iteration starts (Lightning calls ``set_epoch`` only
 on ``loader.sampler``, which this loader also provides), and ``state_dict``/``load_state_dict``
 carry the epoch counter, so a resumed run continues the epoch sequence.
+
+Augmentation does not depend on the device count either: a transform with ``draw``/``apply`` (such
+as :class:`RandomShift`) draws its parameters for a whole global batch from a generator seeded by
+(seed, epoch, global batch index), and each rank applies its slice.
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ BatchTransform = Callable[[Tensor, torch.Generator], Tensor]
 ``generator`` (a generator on ``x``'s device), so runs are reproducible."""
 
 
-def _mix_seed(seed: int, epoch: int, rank: int) -> int:
-    # A distinct, deterministic stream per (seed, epoch, rank) for batch augmentation.
-    return (seed * 1_000_003 + epoch * 10_007 + rank * 101 + 12_345) % (2**63 - 1)
+def _mix_seed(seed: int, epoch: int, stream: int) -> int:
+    # A distinct, deterministic stream per (seed, epoch, stream) for batch augmentation.
+    return (seed * 1_000_003 + epoch * 10_007 + stream * 101 + 12_345) % (2**63 - 1)
 
 
 class EpochSampler(Sampler[int]):
@@ -196,18 +200,32 @@ class InMemoryBatchLoader:
         self.sampler.set_epoch(epoch + 1)
         device = self.tensors[0].device
         order = self.sampler.permutation(epoch).to(device) if self.sampler.shuffle else None
-        generator = None
-        if self.transform is not None:
-            generator = torch.Generator(device=device).manual_seed(_mix_seed(self.sampler.seed, epoch, self.rank))
         for start, end in self._ranges:
             if order is None:
                 batch = tuple(t[start:end] for t in self.tensors)
             else:
                 index = order[start:end]
                 batch = tuple(t[index] for t in self.tensors)
-            if generator is not None:
-                batch = (self.transform(batch[0], generator),) + batch[1:]
+            if self.transform is not None:
+                batch = (self._augment(batch[0], epoch, start, end),) + batch[1:]
             yield batch
+
+    def _augment(self, x: Tensor, epoch: int, start: int, end: int) -> Tensor:
+        """Apply the transform so that a sample's randomness does not depend on the device count.
+
+        Randomness is drawn for the whole global batch from a generator seeded by (seed, epoch,
+        global batch index), and each rank applies its slice: one process and W processes augment
+        every sample identically. A plain callable transform gets a generator per rank instead.
+        """
+        global_batch = self.batch_size * self.world_size
+        index, first = divmod(start, global_batch)
+        generator = torch.Generator(device=x.device).manual_seed(_mix_seed(self.sampler.seed, epoch, index))
+        if not (hasattr(self.transform, "draw") and hasattr(self.transform, "apply")):
+            generator.manual_seed(_mix_seed(self.sampler.seed, epoch * 1_000 + index, self.rank))
+            return self.transform(x, generator)
+        global_size = min(global_batch, self.sampler.n - index * global_batch)
+        params = self.transform.draw(global_size, generator)
+        return self.transform.apply(x, params[..., first:first + (end - start)])
 
 
 class RandomShift:
@@ -226,21 +244,31 @@ class RandomShift:
         self.shift = int(shift)
         self.fill = float(fill)
 
-    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+    def draw(self, n: int, generator: torch.Generator) -> Tensor:
+        """Offsets for ``n`` images: a (2, n) tensor of row/column offsets in [0, 2 * shift]."""
+        return torch.randint(0, 2 * self.shift + 1, (2, n), generator=generator, device=generator.device)
+
+    def apply(self, x: Tensor, offsets: Tensor) -> Tensor:
+        """Translate each image of ``x`` by its column of ``offsets`` (from :meth:`draw`)."""
         if self.shift == 0:
             return x
         if x.dim() != 4:
             raise ValueError(f"RandomShift: expects images N,C,H,W, got shape {tuple(x.shape)}")
-        n, _, h, w = x.shape
+        _, _, h, w = x.shape
         s = self.shift
         padded = torch.nn.functional.pad(x, (s, s, s, s), value=self.fill)
-        offsets = torch.randint(0, 2 * s + 1, (2, n), generator=generator, device=generator.device).to(x.device)
+        offsets = offsets.to(x.device)
         rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # (n, h)
         cols = offsets[1, :, None] + torch.arange(w, device=x.device)  # (n, w)
-        batch = torch.arange(n, device=x.device)[:, None, None]
+        batch = torch.arange(len(x), device=x.device)[:, None, None]
         # Advanced indices around a slice put the indexed dims first: (n, h, w, c).
         out = padded[batch, :, rows[:, :, None], cols[:, None, :]]
         return out.permute(0, 3, 1, 2).contiguous()
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        if self.shift == 0:
+            return x
+        return self.apply(x, self.draw(len(x), generator))
 
     def __repr__(self) -> str:
         return f"RandomShift(shift={self.shift}, fill={self.fill})"
