@@ -6,6 +6,7 @@ from lightrainer.datamodules.digits import DigitsDataModule
 from lightrainer.datamodules.folder import ImageFolderDataModule
 from lightrainer.datamodules.memory import InMemoryBatchLoader
 from lightrainer.datamodules.mnist import MNIST5kDataModule
+from lightrainer.datamodules.photos import PhotoPatchesDataModule, RandomPatchLoader
 
 __all__ = [
     "ArrayDataModule",
@@ -14,4 +15,6 @@ __all__ = [
     "InMemoryBatchLoader",
     "LightrainerDataModule",
     "MNIST5kDataModule",
+    "PhotoPatchesDataModule",
+    "RandomPatchLoader",
 ]

@@ -10,6 +10,8 @@ from lightrainer.modules.blocks import (
 )
 from lightrainer.modules.classification import ClassificationModule
 from lightrainer.modules.nets import SmallCNN
+from lightrainer.modules.vqvae import CodebookUsage, VQVAEModule, build_lpips, build_vqvae
+from lightrainer.modules.vqvae_net import VQVAE, VQVAEDecoder, VQVAEEncoder, VectorQuantizer
 
 __all__ = [
     "ClassificationModule",
@@ -20,4 +22,12 @@ __all__ = [
     "LinearWithConstraint",
     "SeparableConv",
     "SmallCNN",
+    "VQVAE",
+    "VQVAEDecoder",
+    "VQVAEEncoder",
+    "VQVAEModule",
+    "VectorQuantizer",
+    "CodebookUsage",
+    "build_lpips",
+    "build_vqvae",
 ]

@@ -1,0 +1,343 @@
+"""VQ-VAE image reconstruction on the shared base: the original lightrainer's ImGenTrainer.
+
+loss = ``vq_weight * vq + recon_weight * mse + lpips_weight * lpips``. Logged for train and val:
+``loss``, ``vq``, ``recon`` (MSE), ``lpips`` (when ``lpips_weight > 0``), ``perplexity``,
+``usage`` (fraction of the codebook used: over the whole epoch for val/test, by each batch for
+train, averaged), ``psnr`` and ``ssim`` (kornia, on the
+reconstruction clamped to [0, 1]; PSNR of the batch's mean squared error, as the seed computed
+it). Fitness is ``val/psnr`` (max); the ``fitness`` key selects any other logged metric, e.g.
+``fitness: ssim`` or ``fitness: lpips`` (lower is better for names containing loss/lpips).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+
+from lightrainer.config import LPIPS_BACKBONES, Config, ConfigError, ExtraKey, register_task_keys
+from lightrainer.module import LightrainerModule, StepOutput
+from lightrainer.modules.vqvae_net import VQVAE, code_histogram, usage_of
+
+log = logging.getLogger(__name__)
+
+LPIPS_NETS = ("alex", "vgg", "squeeze")
+# torchvision weight files the lpips package loads for its backbone (in $TORCH_HOME/hub/checkpoints).
+LPIPS_BACKBONE_FILES = {
+    "alex": "alexnet-owt-7be5be79.pth",
+    "vgg": "vgg16-397923af.pth",
+    "squeeze": "squeezenet1_1-b8a52dc0.pth",
+}
+# The random backbone's fixed seed: every rank and every run gets the same "random" LPIPS.
+_RANDOM_LPIPS_SEED = 0
+
+
+def _non_negative(key: str, value: float) -> float:
+    if value < 0:
+        raise ConfigError(f"{key}: must be >= 0, got {value!r}; set 0 to switch the term off")
+    return value
+
+
+def _at_least(low: int) -> Any:
+    def check(key: str, value: int) -> int:
+        if value < low:
+            raise ConfigError(f"{key}: must be >= {low}, got {value!r}")
+        return value
+
+    return check
+
+
+def _power_of_two(key: str, value: int) -> int:
+    if value < 1 or value & (value - 1):
+        raise ConfigError(f"{key}: must be a power of 2 (1, 2, 4, 8, ...), got {value!r}")
+    return value
+
+
+def _choice(choices: tuple[str, ...]) -> Any:
+    def check(key: str, value: str) -> str:
+        if value.lower() not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+        return value.lower()
+
+    return check
+
+
+def _decay(key: str, value: float) -> float:
+    if not 0 < value < 1:
+        raise ConfigError(f"{key}: must be in (0, 1), got {value!r}")
+    return value
+
+
+register_task_keys(
+    "vqvae",
+    {
+        # the seed's loss weights (trainer_imgen_cfg.yml)
+        "vq_weight": ExtraKey(float, 0.5, _non_negative, "weight of the vector-quantisation loss"),
+        "recon_weight": ExtraKey(float, 10.0, _non_negative, "weight of the MSE reconstruction loss"),
+        "lpips_weight": ExtraKey(float, 1.0, _non_negative, "weight of the LPIPS loss (0 = LPIPS off)"),
+        "lpips_backbone": ExtraKey(
+            str, "pretrained", _choice(LPIPS_BACKBONES),
+            "LPIPS backbone: pretrained (ImageNet weights from the torch hub cache) | random (no download)",
+        ),
+        "lpips_net": ExtraKey(str, "alex", _choice(LPIPS_NETS), "LPIPS backbone network: alex | vgg | squeeze"),
+        # the network
+        "channels": ExtraKey(int, 64, _at_least(1), "VQ-VAE trunk width (not the image channels)"),
+        "res_blocks": ExtraKey(int, 2, _at_least(0), "residual blocks in the encoder and in the decoder"),
+        "downsample": ExtraKey(int, 4, _power_of_two, "code grid downsampling factor (power of 2)"),
+        "codebook_size": ExtraKey(int, 512, _at_least(2), "number of codes"),
+        "code_dim": ExtraKey(int, 32, _at_least(1), "dimension of each code"),
+        "commitment": ExtraKey(float, 0.25, _non_negative, "commitment loss weight (beta)"),
+        "codebook_ema": ExtraKey(bool, False, None, "update the codebook by EMA instead of the gradient"),
+        "codebook_decay": ExtraKey(float, 0.99, _decay, "EMA decay of the codebook (codebook_ema: True)"),
+        "restart_unused": ExtraKey(bool, True, None, "re-initialise codes unused for restart_every steps"),
+        "restart_every": ExtraKey(int, 50, _at_least(1), "training steps between dead-code restarts"),
+        # the photo patches
+        "patch_size": ExtraKey(int, 32, _at_least(1), "training/validation crop size (divisible by downsample)"),
+        "patches_per_epoch": ExtraKey(int, 4096, _at_least(1), "random training crops per epoch"),
+        "channel_shuffle": ExtraKey(bool, False, None, "permute the colour channels of training crops at random"),
+    },
+)  # fmt: skip
+
+
+def _kornia() -> Any:
+    try:
+        import kornia
+    except ImportError:
+        raise ImportError('VQ-VAE metrics (PSNR, SSIM) need kornia: pip install "lightrainer[vqvae]"') from None
+    return kornia
+
+
+def build_vqvae(cfg: Config, in_channels: int = 3) -> VQVAE:
+    """The :class:`VQVAE` the config's network keys describe.
+
+    Args:
+        cfg: the validated config.
+        in_channels: image channels.
+
+    Raises:
+        ConfigError: ``patch_size`` not divisible by ``downsample``.
+    """
+    check_patch_size(cfg.extra("patch_size"), cfg.extra("downsample"))
+    return VQVAE(
+        in_channels=in_channels,
+        channels=cfg.extra("channels"),
+        num_res_blocks=cfg.extra("res_blocks"),
+        downsample=cfg.extra("downsample"),
+        codebook_size=cfg.extra("codebook_size"),
+        code_dim=cfg.extra("code_dim"),
+        beta=cfg.extra("commitment"),
+        ema=cfg.extra("codebook_ema"),
+        ema_decay=cfg.extra("codebook_decay"),
+        restart_unused=cfg.extra("restart_unused"),
+        restart_every=cfg.extra("restart_every"),
+    )
+
+
+def check_patch_size(patch_size: int, downsample: int) -> None:
+    """Raise a ConfigError unless the patches divide into whole codes."""
+    if patch_size % downsample:
+        lower = max(patch_size - patch_size % downsample, downsample)
+        raise ConfigError(
+            f"patch_size: {patch_size} is not divisible by downsample={downsample}; "
+            f"use patch_size {lower} or {lower + downsample}"
+        )
+
+
+def build_lpips(net: str = "alex", backbone: str = "pretrained") -> nn.Module:
+    """A frozen, eval-mode LPIPS network (the ``lpips`` package).
+
+    Args:
+        net: alex | vgg | squeeze.
+        backbone: "pretrained" loads the ImageNet backbone from the torch hub cache (downloading
+            it where the network allows); "random" uses a randomly initialised backbone (seeded,
+            so it is the same on every rank and run) with LPIPS's shipped linear heads, and logs a
+            warning: its values are not the perceptual metric of the LPIPS paper.
+
+    Raises:
+        ConfigError: the pretrained backbone is neither cached nor downloadable, or a bad name.
+        ImportError: the ``lpips`` package is missing.
+    """
+    if net not in LPIPS_NETS:
+        raise ConfigError(f"lpips_net: {net!r} is not one of {', '.join(LPIPS_NETS)}")
+    if backbone not in LPIPS_BACKBONES:
+        raise ConfigError(f"lpips_backbone: {backbone!r} is not one of {', '.join(LPIPS_BACKBONES)}")
+    try:
+        import lpips
+    except ImportError:
+        raise ImportError('LPIPS (lpips_weight > 0) needs the lpips package: pip install "lightrainer[vqvae]"') from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torchvision's `pretrained=` deprecation notice
+        if backbone == "random":
+            log.warning(
+                "LPIPS uses a RANDOM %s backbone (lpips_backbone: random): a random-feature distance, "
+                "not the perceptual metric of the LPIPS paper", net,
+            )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_RANDOM_LPIPS_SEED)
+                model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+        else:
+            try:
+                model = lpips.LPIPS(net=net, verbose=False)
+            except (OSError, RuntimeError) as err:  # URLError is an OSError
+                target = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILES[net]
+                raise ConfigError(
+                    f"lpips_backbone: pretrained needs the {net} ImageNet weights, which are not in the "
+                    f"torch hub cache and could not be downloaded ({type(err).__name__}: {err}). Either "
+                    f"place {LPIPS_BACKBONE_FILES[net]} at {target} ($TORCH_HOME/hub/checkpoints/), or set "
+                    "lpips_backbone: random (a random-feature LPIPS), or lpips_weight: 0 (no LPIPS)"
+                ) from None
+    model.eval().requires_grad_(False)
+    return model
+
+
+class CodebookUsage(torchmetrics.Metric):
+    """Fraction of the codebook used at least once over all updates (all processes)."""
+
+    full_state_update = False
+
+    def __init__(self, codebook_size: int) -> None:
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.add_state("counts", torch.zeros(codebook_size), dist_reduce_fx="sum")
+
+    def update(self, codes: Tensor) -> None:
+        self.counts += code_histogram(codes, self.codebook_size)
+
+    def compute(self) -> Tensor:
+        return (self.counts > 0).float().mean()
+
+
+class VQVAEModule(LightrainerModule):
+    """Train a VQ-VAE whose ``forward(x)`` returns ``(reconstruction, vq_loss, perplexity)``.
+
+    Any network with that forward plugs in (the seed's contract); codebook usage is logged when
+    the network also exposes ``last_codes`` (code indices of its latest forward) and
+    ``codebook_size``, as :class:`~lightrainer.modules.VQVAE` does. Batches are ``(x,)`` or
+    ``(x, ...)`` with x in [0, 1].
+
+    The LPIPS network is built at ``setup`` (only when ``lpips_weight > 0``), frozen and kept off
+    the module's state: it is not optimised, not saved in checkpoints, and follows the batch's
+    device.
+
+    Args:
+        net: the VQ-VAE.
+        cfg: the validated config (loss weights, LPIPS keys, fitness).
+    """
+
+    fitness_key = "val/psnr"
+    fitness_mode = "max"
+
+    def __init__(self, net: nn.Module, cfg: Config) -> None:
+        super().__init__(net, cfg)
+        self.vq_weight = float(cfg.extra("vq_weight"))
+        self.recon_weight = float(cfg.extra("recon_weight"))
+        self.lpips_weight = float(cfg.extra("lpips_weight"))
+        for key in ("vq_weight", "recon_weight", "lpips_weight"):
+            _non_negative(key, getattr(self, key))
+        self._lpips: Optional[nn.Module] = None  # plain attribute: not a submodule, not in state_dict
+        size = getattr(net, "codebook_size", None)
+        self.usage_metrics = nn.ModuleDict(
+            {stage: CodebookUsage(size) for stage in ("val", "test")} if isinstance(size, int) else {}
+        )
+
+    @staticmethod
+    def default_net(cfg: Config, datamodule: Any = None) -> VQVAE:
+        """The network the CLI trains when the YAML names none: :func:`build_vqvae` sized to the data."""
+        in_channels = (getattr(datamodule, "input_shape", None) or (3,))[0]
+        return build_vqvae(cfg, in_channels=in_channels)
+
+    @classmethod
+    def from_config(cls, cfg: Config, in_channels: int = 3) -> "VQVAEModule":
+        """The module with the network the config's keys describe."""
+        return cls(build_vqvae(cfg, in_channels), cfg)
+
+    def configure_callbacks(self) -> list:
+        """The reconstruction grid and codebook histogram (``plots: True``)."""
+        if not self.cfg.plots:
+            return []
+        from lightrainer.callbacks.recon import ReconstructionGrid
+
+        return [ReconstructionGrid(self.cfg)]
+
+    # ------------------------------------------------------------------ set-up checks
+    def setup(self, stage: str) -> None:
+        self._check_data()
+        if self.lpips_weight > 0:
+            self._lpips_net()
+
+    def _check_data(self) -> None:
+        """Fail before training when the data's channels or patch size do not fit the network."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        shape = getattr(datamodule, "input_shape", None)
+        if shape is None:
+            return
+        in_channels = getattr(self.net, "in_channels", None)
+        if in_channels is not None and shape[0] != in_channels:
+            raise ConfigError(
+                f"the data has {shape[0]}-channel images but the network takes {in_channels}: build the "
+                f"network with in_channels={shape[0]} (or give the datamodule channels={in_channels})"
+            )
+        downsample = getattr(self.net, "downsample", None)
+        if downsample is not None:
+            for size in shape[1:]:
+                check_patch_size(int(size), int(downsample))
+
+    def config_notes(self) -> dict[str, Any]:
+        """Entries for args.yaml's ``derived`` section: which LPIPS the run really used."""
+        if self.lpips_weight <= 0:
+            return {"lpips": "off (lpips_weight: 0)"}
+        backbone = self.cfg.extra("lpips_backbone")
+        note = "ImageNet-pretrained" if backbone == "pretrained" else "RANDOM (not the perceptual metric)"
+        return {"lpips": f"{self.cfg.extra('lpips_net')} backbone, {note}"}
+
+    # ------------------------------------------------------------------ the task
+    def lpips(self, x: Tensor, recon: Tensor) -> Tensor:
+        """Mean LPIPS distance between images in [0, 1] (grayscale repeated to RGB)."""
+        net = self._lpips_net()
+        if next(net.parameters()).device != x.device:
+            net.to(x.device)
+        if x.shape[1] == 1:
+            x, recon = x.expand(-1, 3, -1, -1), recon.expand(-1, 3, -1, -1)
+        return net(x * 2 - 1, recon * 2 - 1).mean()
+
+    def _lpips_net(self) -> nn.Module:
+        if self._lpips is None:
+            # object.__setattr__: nn.Module would register it as a submodule, putting it in the
+            # state_dict, the checkpoints, the model summary and train()/eval() switches.
+            object.__setattr__(self, "_lpips", build_lpips(self.cfg.extra("lpips_net"), self.cfg.extra("lpips_backbone")))
+        return self._lpips
+
+    def step(self, batch: Any, stage: str) -> StepOutput:
+        kornia = _kornia()
+        x = self.example_input(batch)
+        recon, vq_loss, perplexity = self.net(x)
+        mse = F.mse_loss(recon, x)
+        terms: dict[str, Tensor] = {"vq": vq_loss, "recon": mse}
+        loss = self.vq_weight * vq_loss + self.recon_weight * mse
+        if self.lpips_weight > 0:
+            terms["lpips"] = self.lpips(x, recon)
+            loss = loss + self.lpips_weight * terms["lpips"]
+        with torch.no_grad():
+            clamped = recon.detach().clamp(0, 1)
+            terms["perplexity"] = perplexity.detach()
+            terms["psnr"] = kornia.metrics.psnr(clamped, x, max_val=1.0)
+            terms["ssim"] = kornia.metrics.ssim(clamped, x, window_size=11).mean()
+            codes = getattr(self.net, "last_codes", None)
+            if codes is not None and stage in self.usage_metrics:
+                self.usage_metrics[stage].update(codes)
+                terms["usage"] = self.usage_metrics[stage]
+            elif codes is not None and self.usage_metrics:
+                terms["usage"] = usage_of(codes, self.net.codebook_size)
+        return loss, terms
+
+    @property
+    def code_counts(self) -> Optional[Tensor]:
+        """How often each code was chosen in this process's current validation epoch."""
+        metric = self.usage_metrics["val"] if "val" in self.usage_metrics else None
+        return None if metric is None else metric.counts
