@@ -145,19 +145,30 @@ def read_command_config(argv: list[str]) -> tuple[Config, Optional[str], list[st
 
 
 def find_last_checkpoint(cfg: Config) -> Path:
-    """The newest ``weights/last.ckpt`` among the runs ``save_dir/name*``.
+    """The newest complete ``weights/last.ckpt`` among the runs ``save_dir/name*``.
+
+    A checkpoint that does not read back (a run killed by a crash the atomic writes could not
+    cover, a disk that filled up) is skipped with a warning, and the next newest one is used.
 
     Raises:
-        ConfigError: there is none.
+        ConfigError: there is none, or none is complete.
     """
     candidates = sorted(
-        Path(cfg.save_dir).glob(f"{cfg.name}*/weights/last.ckpt"), key=lambda p: p.stat().st_mtime
+        Path(cfg.save_dir).glob(f"{cfg.name}*/weights/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True
     )
     if not candidates:
         raise ConfigError(
             f"--resume / --ckpt_path last: no {cfg.save_dir}/{cfg.name}*/weights/last.ckpt to resume from"
         )
-    return candidates[-1]
+    for path in candidates:
+        try:
+            return check_checkpoint(path)
+        except ConfigError as err:
+            warnings.warn(f"--resume: skipping {path}: {err}", stacklevel=2)
+    raise ConfigError(
+        f"--resume: none of {len(candidates)} checkpoint(s) {cfg.save_dir}/{cfg.name}*/weights/last.ckpt "
+        "is complete; start a new run or pass --ckpt_path"
+    )
 
 
 def check_checkpoint(path: str | Path) -> Path:
@@ -187,7 +198,7 @@ def resolve_ckpt(cfg: Config, ckpt_path: Optional[str]) -> Optional[Path]:
     if ckpt_path in (None, "", "None", "null"):
         return None
     if ckpt_path == "last":
-        return check_checkpoint(find_last_checkpoint(cfg))
+        return find_last_checkpoint(cfg)
     return check_checkpoint(ckpt_path)
 
 
@@ -240,6 +251,12 @@ def _lightning_cli_class() -> type:
                 cfg.name = f"{cfg.name}_{self.subcommand}"
             L.seed_everything(cfg.seed, workers=True, verbose=False)
             self.model, self.datamodule = build_from_config(cfg)
+            if self.subcommand == "fit" and (cfg.ptq or cfg.qat or cfg.trt_quant):
+                from lightrainer.quant.workflow import check_quant_config
+
+                # The network is known now: refuse one with nothing to quantize before the run
+                # folder exists.
+                check_quant_config(cfg.replace(ptq=cfg.ptq or not cfg.qat), getattr(self.model, "net", None))
             run_dir = self._ckpt.parent.parent if (self._ckpt and self.subcommand == "fit") else None
             trainer_args = {
                 key: instantiate(value, cfg, f"trainer.{key}")
@@ -248,6 +265,8 @@ def _lightning_cli_class() -> type:
             self.trainer = build_trainer(cfg, run_dir=run_dir, **trainer_args)
             sub = self.config[self.subcommand]
             sub["ckpt_path"] = str(self._ckpt) if self._ckpt else None
+            if "weights_only" in sub and sub["weights_only"] is None:
+                sub["weights_only"] = True  # our checkpoints hold tensors and plain values only
 
     return LightrainerCLI
 
@@ -272,20 +291,12 @@ def _tool_parser() -> argparse.ArgumentParser:
 
 
 def _config_for_weights(weights: str, config: Optional[str]) -> tuple[Config, dict]:
-    import torch
+    from lightrainer.export.pipeline import load_weights
 
-    path = Path(weights)
-    if not path.is_file():
-        raise ConfigError(f"--weights: file not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise ConfigError(f"--weights: {path} is not a readable weights file: {err}") from None
-    if not isinstance(payload, dict) or "model" not in payload:
-        raise ConfigError(f"--weights: {path} is not a lightrainer weights file (no 'model' entry)")
+    payload = load_weights(weights)
     saved = payload.get("config") or {}
     cfg = load_config(config) if config else load_config({k: v for k, v in saved.items() if v is not None})
-    cfg.run_dir = str(path.parent.parent)
+    cfg.run_dir = str(Path(weights).parent.parent)
     return cfg, payload
 
 

@@ -144,6 +144,11 @@ class Config:
     quant_backend: str = _key("auto", _choice(QUANT_BACKENDS), "quantization library")
     export: Union[str, None] = _key(None, doc="export after fit: onnx | engine | None")
     fitness: Union[str, None] = _key(None, doc="metric that selects the best epoch (None = task's)")
+    compile: bool = _key(False, doc="torch.compile the network (first steps slower while it compiles)")
+    channels_last: bool = _key(False, doc="channels-last memory format for the network and 4-D inputs")
+    ema: bool = _key(False, doc="keep an EMA of the weights; validate, save (weights/*.pt) and export it")
+    ema_decay: float = _key(0.9999, _fraction, "EMA decay d: ema = d' * ema + (1 - d') * w, d' = d * (1 - exp(-n / ema_tau))")
+    ema_tau: float = _key(2000.0, _positive, "EMA warm-up time constant, in optimizer steps")
 
     # Task-specific keys (e.g. the VQ-VAE's loss weights), validated against the task registry.
     extras: dict = field(default_factory=dict, metadata={"check": None, "doc": ""})
@@ -202,7 +207,7 @@ class Config:
         data = self.to_dict()
         data.update(self.sections)
         data.update(overrides)
-        new = load_config(data)
+        new = _validate(data)
         new.run_dir, new.world_size = self.run_dir, self.world_size
         return new
 
@@ -354,6 +359,13 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any], None] = None,
     else:
         raw = _read_yaml(Path(source))
     raw.update(overrides)
+    cfg = _validate(raw)
+    seed_all(cfg.seed)
+    return cfg
+
+
+def _validate(raw: Mapping[str, Any]) -> Config:
+    """Flat keys -> Config (no side effects)."""
 
     extra_specs = _extra_specs()
     known = list(_FIELDS) + list(extra_specs) + list(CLI_SECTIONS)
@@ -381,9 +393,7 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any], None] = None,
         raise ConfigError("ptq and qat are both True: choose one (qat trains quantized; ptq calibrates after fit)")
     if values.get("export") is not None and values["export"] not in ("onnx", "engine"):
         raise ConfigError(f"export: {values['export']!r} is not one of onnx, engine, None")
-    cfg = Config(**values, extras=extras, sections=sections)
-    seed_all(cfg.seed)
-    return cfg
+    return Config(**values, extras=extras, sections=sections)
 
 
 def seed_all(seed: int) -> None:

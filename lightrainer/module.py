@@ -9,6 +9,7 @@ clipping, and epoch means of everything the task returns. The Lightning Trainer 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Mapping
 
@@ -19,6 +20,7 @@ import torchmetrics
 from torch import Tensor, nn
 
 from lightrainer.config import Config
+from lightrainer.ema import ModelEMA
 from lightrainer.optim import build_optimizer, schedule
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,10 @@ class LightrainerModule(L.LightningModule):
         self._train_means: dict[str, float] | None = None
         self._stage_means = nn.ModuleDict()
         self._pending_grads: dict[str, Tensor] = {}
+        #: The weights' moving average (``ema: True``), made when the fit starts.
+        self.ema: ModelEMA | None = None
+        self._ema_state: dict[str, Any] | None = None
+        self._net_prepared = False
 
     # ------------------------------------------------------------------ the task's part
     def step(self, batch: Any, stage: str) -> StepOutput:
@@ -83,8 +89,9 @@ class LightrainerModule(L.LightningModule):
         return batch[0] if isinstance(batch, (tuple, list)) else batch
 
     def weights_state_dict(self) -> dict[str, Tensor]:
-        """What ``weights/best.pt`` and ``weights/last.pt`` hold as "model" (override to save part)."""
-        return self.net.state_dict()
+        """What ``weights/best.pt`` and ``weights/last.pt`` hold as "model": the EMA weights when
+        ``ema`` is on (those validated, and exported), else the network's (override to save part)."""
+        return (self.ema.module if self.ema is not None else self.net).state_dict()
 
     def forward(self, x: Tensor) -> Any:
         return self.net(x)
@@ -138,14 +145,20 @@ class LightrainerModule(L.LightningModule):
         ni = batch_idx + nb * self.current_epoch
         self._warmup(optimizer, ni, self.cfg.warmup_iters(nb))
 
+        batch = _to_channels_last(batch) if self.cfg.channels_last else batch
         loss, items = self.step(batch, "train")
+        steps_now = ni - self._last_opt_step >= self._accumulate
         # Micro-batch gradients are summed (the seed's rule): the loss is not divided by accumulate.
-        self.manual_backward(loss)
-        if ni - self._last_opt_step >= self._accumulate:
+        # Under DDP only the micro-batch that steps all-reduces; the others accumulate locally.
+        with self._gradient_sync(steps_now):
+            self.manual_backward(self._shard_weighted(loss, batch_idx, self._batch_size(batch)))
+        if steps_now:
             lightning_optimizer = self.optimizers()
             lightning_optimizer.step()
             lightning_optimizer.zero_grad(set_to_none=True)
             self._last_opt_step = ni
+            if self.ema is not None:
+                self.ema.update(self.net)
             self.on_optimizer_step_done()
 
         self._accumulate_train_items(loss, items, self._batch_size(batch))
@@ -154,6 +167,37 @@ class LightrainerModule(L.LightningModule):
 
     def on_optimizer_step_done(self) -> None:
         """Called after each optimizer step (EMA and similar hook in here)."""
+
+    # ------------------------------------------------------------------ several processes
+    def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        return contextlib.nullcontext() if sync or block is None or self.trainer.world_size == 1 else block()
+
+    def _mean_over_ranks(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        # One all-reduce of the flattened tensors; every rank must call this (checkpoint saving does).
+        flat = torch.cat([t.flatten() for t in tensors.values()])
+        flat = self.trainer.strategy.reduce(flat, reduce_op="mean")
+        parts = flat.split([t.numel() for t in tensors.values()])
+        return {name: part.view_as(t) for (name, t), part in zip(tensors.items(), parts)}
+
+    def _shard_weighted(self, loss: Tensor, batch_idx: int, n: int) -> Tensor:
+        """``loss * W * n_r / N`` for a global batch of N split unevenly over W ranks.
+
+        DDP averages the ranks' gradients; each rank's loss is a mean over its n_r samples, so
+        only this weight makes the average the gradient of the mean over the global batch (equal
+        shards: weight 1). The in-memory loader splits its last global batch unevenly; a
+        DistributedSampler pads every rank to the same size instead.
+        """
+        from lightrainer.datamodules.memory import InMemoryBatchLoader
+
+        world = self.trainer.world_size
+        loader = self.trainer.train_dataloader
+        if world == 1 or not isinstance(loader, InMemoryBatchLoader):
+            return loss
+        global_batch = loader.batch_size * world
+        n_global = min(global_batch, len(loader.sampler) - batch_idx * global_batch)
+        weight = world * n / n_global
+        return loss if weight == 1 else loss * weight
 
     def on_validation_model_zero_grad(self) -> None:
         # Lightning clears gradients before validating; micro-batch gradients not yet stepped
@@ -198,11 +242,14 @@ class LightrainerModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         metrics = {f"train/{k}": v for k, v in self.train_epoch_means().items()}
         metrics.update(self.current_lrs())
-        self.log_dict(metrics, logger=True, on_epoch=True)
+        # Already reduced over ranks; sync_dist only tells Lightning so (a mean of equal values).
+        self.log_dict(metrics, logger=True, on_epoch=True, sync_dist=True)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: Any, stage: str) -> Tensor:
-        loss, items = self.step(batch, stage)
+        batch = _to_channels_last(batch) if self.cfg.channels_last else batch
+        with self._ema_swapped_in():
+            loss, items = self.step(batch, stage)
         n = self._batch_size(batch)
         fitness = self.fitness_monitor[0].split("/", 1)[-1]
         for name, value in {"loss": loss, **dict(items)}.items():
@@ -240,12 +287,18 @@ class LightrainerModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Micro-batch gradients not yet stepped carry into the next epoch: keep them, so a resumed
         # run continues exactly.
-        pending = {n: p.grad.detach().cpu() for n, p in self.net.named_parameters() if p.grad is not None}
+        pending = {n: p.grad.detach() for n, p in self.net.named_parameters() if p.grad is not None}
+        if pending and self.trainer.world_size > 1:
+            # Gradients accumulated without all-reduce differ by rank; a resumed run must start
+            # from their mean (what the next synchronised backward would have averaged).
+            pending = self._mean_over_ranks(pending)
+        pending = {n: g.cpu() for n, g in pending.items()}
         checkpoint["lightrainer"] = {
             "last_opt_step": self._last_opt_step,
             "pending_grads": pending,
             "config": self.cfg.to_dict(),
             "task": f"{type(self).__module__}.{type(self).__qualname__}",
+            "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -257,6 +310,7 @@ class LightrainerModule(L.LightningModule):
             )
         self._last_opt_step = int(state["last_opt_step"])
         self._pending_grads = state.get("pending_grads", {})
+        self._ema_state = state.get("ema")
 
     def on_train_start(self) -> None:
         # Restored here: Lightning's restore path clears gradients after on_load_checkpoint.
@@ -265,3 +319,43 @@ class LightrainerModule(L.LightningModule):
             if name in params:
                 params[name].grad = grad.to(params[name].device, params[name].dtype)
         self._pending_grads = {}
+
+    # ------------------------------------------------------------------ speed options
+    def configure_model(self) -> None:
+        """``channels_last`` and ``compile`` of the network, once (after QAT swapped its layers)."""
+        if self._net_prepared:
+            return
+        self._net_prepared = True
+        if self.cfg.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.cfg.compile:
+            # In place: the state_dict keys (checkpoints, weights/*.pt) stay those of the eager net.
+            self.net.compile()
+
+    def on_fit_start(self) -> None:
+        if self.cfg.ema and self.ema is None:
+            self.ema = ModelEMA(self.net, self.cfg.ema_decay, self.cfg.ema_tau).to(self.device)
+        if self.ema is not None and self._ema_state is not None:
+            self.ema.load_state_dict(self._ema_state)
+        self._ema_state = None
+
+    @contextlib.contextmanager
+    def _ema_swapped_in(self) -> Any:
+        # Validation and test run the moving average (Ultralytics validates the EMA).
+        if self.ema is None:
+            yield
+            return
+        net, self.net = self.net, self.ema.module
+        try:
+            yield
+        finally:
+            self.net = net
+
+
+def _to_channels_last(batch: Any) -> Any:
+    """4-D floating tensors of a batch (tuple/list/tensor) in channels-last memory format."""
+    if isinstance(batch, Tensor):
+        return batch.contiguous(memory_format=torch.channels_last) if batch.dim() == 4 and batch.is_floating_point() else batch
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_channels_last(b) for b in batch)
+    return batch

@@ -50,6 +50,8 @@ def plot_results(csv_path: str | os.PathLike, png_path: str | os.PathLike | None
         The PNG path.
     """
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     columns = read_results(csv_path)
     png_path = Path(png_path) if png_path else Path(csv_path).with_name("results.png")
     epochs = columns.pop("epoch", [])
@@ -71,6 +73,7 @@ def plot_results(csv_path: str | os.PathLike, png_path: str | os.PathLike | None
             ax.plot(epochs, values, marker="." if len(epochs) < 30 else None, label=label)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:

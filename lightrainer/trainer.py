@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightrainer.callbacks.checkpoint import RunCheckpoint
+from lightrainer.callbacks.checkpoint import RandomState, RunCheckpoint
 from lightrainer.callbacks.early_stopping import FitnessEarlyStopping
 from lightrainer.callbacks.progress import LightrainerProgressBar
 from lightrainer.callbacks.results import ResultsCSV
@@ -46,55 +46,188 @@ def increment_path(path: str | os.PathLike, exist_ok: bool = False) -> Path:
     return candidate
 
 
-def _is_worker_process() -> bool:
-    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
+def launcher_layout() -> tuple[str, int, int] | None:
+    """(launcher, processes per node, nodes) of an external launcher that started this process.
+
+    torchrun/torchelastic and SLURM's ``srun`` start every process themselves; Lightning then must
+    be given the same device and node counts, so they come from the environment, not the YAML.
+
+    Returns:
+        ``("torchrun", LOCAL_WORLD_SIZE, WORLD_SIZE // LOCAL_WORLD_SIZE)``,
+        ``("SLURM", tasks per node, SLURM_NNODES)``, or None (Lightning launches the processes).
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    env = os.environ
+    if TorchElasticEnvironment.detect():
+        local = int(env["LOCAL_WORLD_SIZE"])
+        return "torchrun", local, max(int(env.get("WORLD_SIZE", local)) // local, 1)
+    if SLURMEnvironment.detect():
+        nodes = int(env.get("SLURM_NNODES", "1"))
+        per_node = env.get("SLURM_NTASKS_PER_NODE") or str(int(env.get("SLURM_NTASKS", "1")) // nodes)
+        return "SLURM", int(re.match(r"\d+", per_node).group()), nodes  # "2(x3)" -> 2
+    return None
+
+
+def is_rank_zero_process() -> bool:
+    """Whether this process will be global rank 0, known before the process group exists.
+
+    torchrun sets ``RANK``, SLURM ``SLURM_PROCID``; processes started by Lightning's launcher (and
+    machines of a manual multi-node launch) carry ``LOCAL_RANK`` and ``NODE_RANK``.
+    """
+    layout = launcher_layout()
+    env = os.environ
+    if layout is not None:
+        return int(env.get("RANK" if layout[0] == "torchrun" else "SLURM_PROCID", "0")) == 0
+    node_rank = int(env.get("NODE_RANK", env.get("GROUP_RANK", "0")))
+    return int(env.get("LOCAL_RANK", "0")) == 0 and node_rank == 0
 
 
 def resolve_run_dir(cfg: Config) -> Path:
-    """The run folder, decided once: worker processes inherit the launcher's choice."""
+    """The run folder, decided once, by the process that becomes global rank 0.
+
+    Other ranks never create folders: a process that Lightning's launcher started inherits the
+    launcher's choice through ``LIGHTRAINER_RUN_DIR``; under torchrun/SLURM the other ranks hold a
+    provisional path until :class:`RunDirSync` broadcasts rank 0's folder when the fit starts.
+    """
+    if is_rank_zero_process():
+        return increment_path(Path(cfg.save_dir) / cfg.name, cfg.exist_ok)
     inherited = os.environ.get(RUN_DIR_ENV)
-    if inherited and _is_worker_process():
+    if inherited and launcher_layout() is None:
         return Path(inherited)
-    return increment_path(Path(cfg.save_dir) / cfg.name, cfg.exist_ok)
+    return Path(cfg.save_dir) / cfg.name
+
+
+def _requested_devices(cfg: Config, gpus: int) -> tuple[str, Any]:
+    """(accelerator, devices) from ``device``/``devices``, before any launcher is considered."""
+    device = cfg.device
+    if device is None:
+        return ("gpu" if gpus else "cpu"), cfg.devices or 1
+    if device in ("cpu", "mps"):
+        return device, cfg.devices or 1
+    if not gpus:
+        warnings.warn(
+            f"device={device} asks for CUDA GPUs but none is available: training on the CPU with "
+            f"{cfg.devices or 1} process(es) (set device: cpu and devices: N to choose)",
+            stacklevel=3,
+        )
+        return "cpu", cfg.devices or 1
+    missing = [i for i in device if i >= gpus]
+    if missing:
+        raise ConfigError(
+            f"device: GPU {missing} does not exist; this machine has {gpus} GPU(s) with ids "
+            f"0..{gpus - 1}"
+        )
+    if cfg.devices is not None and cfg.devices != len(device):
+        raise ConfigError(
+            f"device: {device} names {len(device)} GPU(s) but devices: {cfg.devices}; "
+            "give one of them (device lists the ids, devices only counts)"
+        )
+    return "gpu", list(device)
+
+
+def _check_count(accelerator: str, devices: Any, gpus: int) -> None:
+    count = len(devices) if isinstance(devices, list) else int(devices)
+    if accelerator == "gpu" and isinstance(devices, int) and devices > gpus:
+        raise ConfigError(f"devices: {devices} GPUs asked for, this machine has {gpus}: set devices: {gpus} or fewer")
+    if accelerator == "mps" and count > 1:
+        raise ConfigError(f"devices: {count} asked for with device: mps; Apple's MPS is one device: set devices: 1")
+    cores = os.cpu_count() or 1
+    if accelerator == "cpu" and count > cores:
+        warnings.warn(
+            f"devices: {count} CPU processes on {cores} cores: they will compete for the cores "
+            f"(each runs torch with {max(cores // count, 1)} thread(s) at best)",
+            stacklevel=3,
+        )
+
+
+def _apply_launcher(cfg: Config, accelerator: str, devices: Any, layout: tuple[str, int, int]) -> tuple[Any, int]:
+    """Devices and nodes as the external launcher started them; a YAML that disagrees warns."""
+    name, per_node, nodes = layout
+    asked = len(devices) if isinstance(devices, list) else int(devices)
+    explicit = cfg.devices is not None or isinstance(devices, list)
+    if explicit and asked != per_node:
+        warnings.warn(
+            f"devices: {asked} in the config, but {name} started {per_node} process(es) per machine: "
+            f"using {per_node}",
+            stacklevel=3,
+        )
+    if cfg.num_nodes != 1 and cfg.num_nodes != nodes:
+        warnings.warn(f"num_nodes: {cfg.num_nodes} in the config, but {name} started {nodes} machine(s): using {nodes}",
+                      stacklevel=3)
+    if isinstance(devices, list) and len(devices) == per_node:
+        return devices, nodes
+    return per_node, nodes
+
+
+def _check_nodes(cfg: Config) -> None:
+    env = os.environ
+    if cfg.num_nodes > 1 and not ("NODE_RANK" in env and "MASTER_ADDR" in env):
+        raise ConfigError(
+            f"num_nodes: {cfg.num_nodes} needs a launcher that starts the run on every machine: "
+            f"torchrun --nnodes={cfg.num_nodes} --nproc_per_node=GPUS_PER_MACHINE --node_rank=R "
+            "--master_addr=HOST0 --master_port=29500 -m lightrainer fit --config FILE (on each machine), "
+            "srun under SLURM, or set MASTER_ADDR, MASTER_PORT and NODE_RANK on each machine"
+        )
 
 
 def resolve_devices(cfg: Config) -> dict[str, Any]:
-    """``device``/``devices`` -> Trainer accelerator, devices, strategy and num_nodes.
+    """``device``/``devices``/``num_nodes`` (or the launcher's layout) -> Trainer arguments.
+
+    Returns:
+        accelerator, devices, num_nodes, and world_size (processes in all).
 
     Raises:
-        ConfigError: a GPU id that does not exist, or more devices than there are.
+        ConfigError: a GPU id that does not exist, more devices than there are, ``device`` and
+            ``devices`` that disagree, ``num_nodes > 1`` without a launcher.
     """
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    device = cfg.device
-    if device is None:
-        accelerator = "gpu" if gpus else "cpu"
-        devices: Any = cfg.devices or 1
-    elif device in ("cpu", "mps"):
-        accelerator, devices = device, cfg.devices or 1
+    accelerator, devices = _requested_devices(cfg, gpus)
+    layout = launcher_layout()
+    if layout is not None:
+        devices, num_nodes = _apply_launcher(cfg, accelerator, devices, layout)
     else:
-        if not gpus:
-            warnings.warn(
-                f"device={device} asks for CUDA GPUs but none is available: training on the CPU",
-                stacklevel=2,
-            )
-            accelerator, devices = "cpu", cfg.devices or 1
-        else:
-            missing = [i for i in device if i >= gpus]
-            if missing:
-                raise ConfigError(
-                    f"device: GPU {missing} does not exist; this machine has {gpus} GPU(s) with ids "
-                    f"0..{gpus - 1}"
-                )
-            accelerator, devices = "gpu", list(device)
-    if accelerator == "gpu" and isinstance(devices, int) and devices > gpus:
-        raise ConfigError(f"devices: {devices} GPUs asked for, this machine has {gpus}")
+        _check_nodes(cfg)
+        num_nodes = cfg.num_nodes
+    _check_count(accelerator, devices, gpus)
     count = len(devices) if isinstance(devices, list) else int(devices)
     return {
         "accelerator": accelerator,
         "devices": devices,
-        "num_nodes": cfg.num_nodes,
-        "world_size": count * cfg.num_nodes,
+        "num_nodes": num_nodes,
+        "world_size": count * num_nodes,
     }
+
+
+def resolve_strategy(world_size: int) -> str:
+    """"auto" for one process; "ddp" for several, "ddp_notebook" (fork) from a notebook.
+
+    Lightning's "ddp" re-runs the script in new processes, which a notebook cannot do; forking
+    works there on the CPU and on GPUs, provided CUDA was not used in the notebook before the fit.
+    """
+    if world_size == 1:
+        return "auto"
+    from lightning.fabric.utilities.imports import _IS_INTERACTIVE
+
+    if _IS_INTERACTIVE and launcher_layout() is None:
+        return "ddp_notebook"
+    return "ddp"
+
+
+def resolve_sync_bn(cfg: Config, accelerator: str, world_size: int) -> bool:
+    """``sync_bn``: default on with several GPUs; torch's SyncBatchNorm does not run on the CPU.
+
+    Raises:
+        ConfigError: ``sync_bn: True`` for several CPU processes.
+    """
+    if cfg.sync_bn is None:
+        return world_size > 1 and accelerator == "gpu"
+    if cfg.sync_bn and world_size > 1 and accelerator != "gpu":
+        raise ConfigError(
+            f"sync_bn: True needs CUDA GPUs (torch's SyncBatchNorm refuses {accelerator} processes): "
+            "set sync_bn: False (or leave it empty) to train on several CPU processes"
+        )
+    return bool(cfg.sync_bn) and world_size > 1
 
 
 def resolve_precision(cfg: Config, accelerator: str) -> str:
@@ -110,7 +243,8 @@ def resolve_precision(cfg: Config, accelerator: str) -> str:
 def _loggers(cfg: Config, run_dir: Path) -> list:
     from lightning.pytorch.loggers import CSVLogger
 
-    loggers: list = [CSVLogger(save_dir=run_dir, name="", version="logs")]
+    # A resumed run writes logs2/, logs3/...: Lightning's CSVLogger deletes an existing metrics.csv.
+    loggers: list = [CSVLogger(save_dir=run_dir, name="", version=increment_path(run_dir / "logs").name)]
     if cfg.tensorboard:
         try:
             from lightning.pytorch.loggers import TensorBoardLogger
@@ -137,6 +271,38 @@ def _loggers(cfg: Config, run_dir: Path) -> list:
     return loggers
 
 
+def check_batch_split(batch: int, world_size: int) -> None:
+    """The global batch must split evenly, so every device gets the same share.
+
+    Raises:
+        ConfigError: ``batch`` not divisible by the number of processes (names the nearest fits).
+    """
+    if batch % world_size == 0:
+        return
+    low, high = batch // world_size * world_size, (batch // world_size + 1) * world_size
+    options = f"{low} ({low // world_size} a device) or {high}" if low else f"{high}"
+    raise ConfigError(
+        f"batch: {batch} does not split over {world_size} devices (each would take "
+        f"{batch / world_size:g} samples): set batch to {options} ({high // world_size} a device)"
+    )
+
+
+class RunDirSync(Callback):
+    """Makes every rank use rank 0's run folder (torchrun/SLURM ranks decide nothing themselves)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        run_dir = trainer.strategy.broadcast(self.cfg.run_dir, src=0)
+        if run_dir != self.cfg.run_dir:
+            log.debug("rank %d: run folder %s (from rank 0)", trainer.global_rank, run_dir)
+            self.cfg.run_dir = run_dir
+            for callback in trainer.callbacks:
+                if isinstance(callback, ResultsCSV):
+                    callback.path = Path(run_dir) / callback.path.name
+
+
 class RunSetup(Callback):
     """Writes ``args.yaml`` (config + derived values) once the data's batches per epoch are known."""
 
@@ -151,18 +317,25 @@ class RunSetup(Callback):
         fitness, mode = getattr(pl_module, "fitness_monitor", (None, None))
         extra.update({"fitness": fitness, "fitness_mode": mode, "run_dir": self.cfg.run_dir})
         extra.update(getattr(pl_module, "config_notes", lambda: {})())
-        dump_config(self.cfg, Path(self.cfg.run_dir) / "args.yaml", extra)
+        path = Path(self.cfg.run_dir) / "args.yaml"
+        tmp = path.with_name(f".{path.name}.tmp")
+        dump_config(self.cfg, tmp, extra)
+        os.replace(tmp, path)
         log.info("run folder: %s", self.cfg.run_dir)
 
 
-def default_callbacks(cfg: Config, progress_bar: bool = True) -> list[Callback]:
+def default_callbacks(cfg: Config, progress_bar: bool = True, accelerator: str = "cpu") -> list[Callback]:
     """The callbacks every run has, plus those the config asks for (quantization, export)."""
     run_dir = Path(cfg.run_dir)
-    callbacks: list[Callback] = [LightrainerProgressBar()] if progress_bar else []
+    # Each bar refresh reads the running loss from the device: on a GPU that stalls the queue, so
+    # refresh every 10 steps there; on a CPU it costs nothing and every step shows.
+    refresh = 10 if accelerator == "gpu" else 1
+    callbacks: list[Callback] = [LightrainerProgressBar(refresh_rate=refresh)] if progress_bar else []
     callbacks += [
         RunSetup(cfg),
         ResultsCSV(run_dir, plots=cfg.plots),
         RunCheckpoint(run_dir / "weights"),
+        RandomState(),
     ]
     if cfg.patience > 0:
         callbacks.append(FitnessEarlyStopping(cfg.patience))
@@ -190,8 +363,10 @@ def _feature_callbacks(cfg: Config) -> list[Callback]:
 def build_trainer(cfg: Config, run_dir: str | os.PathLike | None = None, **trainer_overrides: Any) -> L.Trainer:
     """A ``lightning.Trainer`` that runs ``cfg`` as the YAML promises.
 
-    Decides the run folder (``save_dir/name``, incremented unless ``exist_ok``) and records it on
-    ``cfg.run_dir``; sets ``cfg.world_size``.
+    Decides the run folder (``save_dir/name``, incremented unless ``exist_ok``) on the process that
+    becomes global rank 0, before Lightning starts any worker, and records it on ``cfg.run_dir``;
+    sets ``cfg.world_size``. Several devices or machines run Lightning's DDP; under torchrun or
+    SLURM the launcher's process layout is used (see :func:`launcher_layout`).
 
     Args:
         cfg: the validated config. The best checkpoint and early stopping follow the fitted
@@ -204,25 +379,22 @@ def build_trainer(cfg: Config, run_dir: str | os.PathLike | None = None, **train
         The Trainer.
 
     Raises:
-        ConfigError: devices that do not exist, an optional logger that is not installed.
+        ConfigError: devices that do not exist, a batch that does not split over the devices,
+            ``num_nodes > 1`` without a launcher, an optional logger that is not installed.
     """
-    if cfg.ptq or cfg.qat:
+    if cfg.ptq or cfg.qat or cfg.trt_quant:
         # A missing backend, the fake pytorch-quantization 2.2.x or a bad method fail here,
-        # before the run folder exists.
+        # before the run folder exists (trt_quant runs PTQ first when ptq is off).
         from lightrainer.quant.workflow import check_quant_config
 
-        check_quant_config(cfg)
+        check_quant_config(cfg.replace(ptq=cfg.ptq or not cfg.qat))
     hardware = resolve_devices(cfg)
     world_size = hardware.pop("world_size")
+    check_batch_split(cfg.batch, world_size)
+    rank_zero = is_rank_zero_process()
     run_dir = Path(run_dir) if run_dir is not None else resolve_run_dir(cfg)
     cfg.run_dir, cfg.world_size = str(run_dir), world_size
-    if cfg.batch % world_size:
-        warnings.warn(
-            f"batch={cfg.batch} is not divisible by {world_size} devices: each device gets "
-            f"{cfg.batch_per_device} (global batch {cfg.batch_per_device * world_size})",
-            stacklevel=2,
-        )
-    strategy = "ddp" if world_size > 1 else "auto"
+    strategy = resolve_strategy(world_size)
     extra_callbacks = list(trainer_overrides.pop("callbacks", []) or [])
     kwargs: dict[str, Any] = {
         **hardware,
@@ -231,17 +403,19 @@ def build_trainer(cfg: Config, run_dir: str | os.PathLike | None = None, **train
         "max_epochs": cfg.epochs,
         "default_root_dir": str(run_dir),
         "deterministic": cfg.deterministic or None,
-        "sync_batchnorm": cfg.sync_bn if cfg.sync_bn is not None else world_size > 1,
+        "sync_batchnorm": resolve_sync_bn(cfg, hardware["accelerator"], world_size),
         "log_every_n_steps": 10,
         "enable_model_summary": True,
     }
     kwargs.update(trainer_overrides)
     if kwargs.get("logger", True) is True:
         kwargs["logger"] = None  # placeholder, filled below once the folder exists
-    callbacks = default_callbacks(cfg, kwargs.get("enable_progress_bar", True) is not False) + extra_callbacks
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "weights").mkdir(exist_ok=True)
-    os.environ[RUN_DIR_ENV] = str(run_dir)
+    progress_bar = kwargs.get("enable_progress_bar", True) is not False
+    callbacks = default_callbacks(cfg, progress_bar, kwargs["accelerator"]) + extra_callbacks
+    callbacks.insert(0, RunDirSync(cfg))
+    if rank_zero:  # only rank 0 creates the folder; Lightning's launcher hands it to the workers
+        (run_dir / "weights").mkdir(parents=True, exist_ok=True)
+        os.environ[RUN_DIR_ENV] = str(run_dir)
     if kwargs["logger"] is None:
         kwargs["logger"] = _loggers(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -271,6 +271,9 @@ def test_resume_continues_epochs_and_lr_curve(tmp_path) -> None:
     full_rows = (tmp_path / "full" / "results.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in cut_rows] == ["epoch", "1", "2", "3", "4"]
     assert cut_rows == full_rows
+    # Lightning's CSV log of the first part survives the resume (the resumed part goes to logs2/).
+    assert (tmp_path / "cut" / "logs" / "metrics.csv").is_file()
+    assert (tmp_path / "cut" / "logs2" / "metrics.csv").is_file()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU fallbacks")

@@ -248,12 +248,13 @@ def test_qdq_inspection(tmp_path):
     assert np.abs(y - ref).max() < 1e-4
 
 
+@pytest.mark.parametrize("backend", ["pytorch_quantization", "modelopt"])
 @pytest.mark.parametrize("dynamo", [False, True])
-def test_fake_quant_network_exports_qdq_and_verifies(tmp_path, dynamo):
+def test_fake_quant_network_exports_qdq_and_verifies(tmp_path, dynamo, backend):
     quant = pytest.importorskip("lightrainer.quant")
     net = _classifier()
     data = [torch.randn(8, 1, 28, 28) for _ in range(3)]
-    qnet = quant.quantize_model(net, backend="pytorch_quantization")
+    qnet = quant.quantize_model(net, backend=backend)
     quant.calibrate(qnet, data, method="max")
     path = export_onnx(qnet, data[0], tmp_path / "q.onnx", dynamo=dynamo, verify=data, task="classification")
     layers = qdq_layers(path)

@@ -87,10 +87,18 @@ def test_callback_checks_tensorrt_before_training(tmp_path, monkeypatch):
     with pytest.raises(MissingDependencyError, match="needs TensorRT"):
         trainer.fit(_module(cfg), datamodule=_datamodule(cfg))
     assert trainer.global_step == 0 and not list((tmp_path / "run" / "weights").iterdir())
+    # trt_quant alone runs PTQ after fit (no ptq/qat needed); what PTQ needs is checked before training
     cfg = _cfg(tmp_path, name="q", trt_quant=True)
     trainer = lt.build_trainer(cfg, enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(ExportError, match="trt_quant: an int8 engine needs a quantized model: also set ptq: True"):
+    with pytest.raises(MissingDependencyError, match="needs TensorRT"):
         trainer.fit(_module(cfg), datamodule=_datamodule(cfg))
+    assert trainer.global_step == 0
+    cfg = _cfg(tmp_path, name="q2", trt_quant=True)
+    no_layers = ClassificationModule(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
+                                                         torch.nn.BatchNorm1d(4)), cfg, num_classes=4)
+    trainer = lt.build_trainer(cfg, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(lt.ConfigError, match="ptq: Sequential has no Conv/Linear layer to quantize"):
+        trainer.fit(no_layers, datamodule=_datamodule(cfg))
     assert trainer.global_step == 0
 
 
@@ -193,3 +201,54 @@ def test_vqvae_exports_whole_encoder_and_decoder(tmp_path):
     assert read_metadata(result.onnx[0])["task"] == "vqvae"
     assert read_metadata(result.onnx[0])["output_names"] == '["reconstruction"]'
     assert read_metadata(result.onnx[1])["part"] == "encoder"
+
+
+def test_int8_of_a_float_network_runs_ptq_first(tmp_path):
+    # What trt_quant without ptq/qat does before building the engine: PTQ (the config's method and
+    # num_batches on the training batches), then a verified Q/DQ export.
+    from lightrainer.export import qdq_layers
+
+    cfg = _cfg(tmp_path, method="max", num_batches=2)
+    weights = _saved_weights(tmp_path, _module(cfg))
+    module = _module(cfg)
+    result = export_from_weights(module, _datamodule(cfg), cfg, weights, "onnx", int8=True)
+    assert [p.name for p in result.onnx] == ["best.onnx", "best_int8.onnx"]
+    assert not qdq_layers(result.onnx[0])[0].quantized  # the float model stays float
+    layers = qdq_layers(result.onnx[1])
+    assert len(layers) == sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in module.net.modules())
+    assert all(l.quantized and l.per_channel and l.symmetric_int8 for l in layers)
+    report = json.loads((tmp_path / "weights" / "best_int8.onnx.verify.json").read_text())
+    assert report["passed"] and report["qdq"] and report["samples"] == 16
+    assert read_metadata(result.onnx[1])["quantized"] == "int8"
+    from lightrainer.quant import iter_quantizers
+
+    assert not any(True for _ in iter_quantizers(module.net))
+
+
+def test_max_norm_layers_are_projected_before_export(tmp_path):
+    from lightrainer.modules.blocks import Conv2dWithConstraint, LinearWithConstraint
+    from lightrainer.export import export_onnx
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(Conv2dWithConstraint(1, 4, 3, max_norm=0.5), torch.nn.Flatten(),
+                              LinearWithConstraint(4 * 6 * 6, 3, max_norm=0.25))
+    with torch.no_grad():  # an optimizer step moved the weights out of the ball
+        net[0].weight.mul_(20)
+        net[2].weight.mul_(20)
+    x = torch.randn(5, 1, 8, 8)
+    path = export_onnx(net, x, tmp_path / "c.onnx", verify=[x])
+    from onnx import load, numpy_helper
+
+    weights = [numpy_helper.to_array(t) for t in load(str(path)).graph.initializer if len(t.dims) in (2, 4)]
+    for w, bound in zip(sorted(weights, key=lambda w: w.ndim, reverse=True), (0.5, 0.25)):
+        norms = np.sqrt((w.reshape(w.shape[0], -1).astype(np.float64) ** 2).sum(1))
+        assert norms.max() <= bound * (1 + 1e-5)
+    (got,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        w0 = net[0].weight.double()
+        w0 = w0 * torch.clamp(0.5 / w0.flatten(1).norm(dim=1), max=1).view(-1, 1, 1, 1)
+        h = torch.nn.functional.conv2d(x.double(), w0, net[0].bias.double()).flatten(1)
+        w2 = net[2].weight.double()
+        w2 = w2 * torch.clamp(0.25 / w2.norm(dim=1), max=1).view(-1, 1)
+        ref = h @ w2.T + net[2].bias.double()
+    assert np.abs(got - ref.numpy()).max() < 1e-4

@@ -18,13 +18,27 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import lightrainer
 
 
+def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move the complete file ``tmp`` over ``path``: flushed to disk first, so that neither a
+    killed process nor a machine that loses power leaves a partial file under ``path``."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if os.name == "posix":  # persist the rename itself
+        fd = os.open(Path(path).parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -38,7 +52,8 @@ def weights_payload(trainer: L.Trainer, pl_module: L.LightningModule, best_fitne
         "model": {k: v.detach().cpu() for k, v in pl_module.weights_state_dict().items()},
         "optimizer": optimizers[0].state_dict() if optimizers else None,
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "config": pl_module.cfg.to_dict(),
+        # With the model:/data: sections, so `lightrainer export --weights` rebuilds the same task.
+        "config": {**pl_module.cfg.to_dict(), **pl_module.cfg.sections},
         "task": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
         "version": lightrainer.__version__,
     }
@@ -106,14 +121,59 @@ class RunCheckpoint(ModelCheckpoint):
         self.kth_value = torch.tensor(-torch.inf if mode == "max" else torch.inf)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # Every rank takes part (the module averages pending gradients); rank 0 writes.
         path = Path(filepath)
         tmp = path.with_name(f".{path.name}.tmp")
         trainer.save_checkpoint(tmp, self.save_weights_only)
         if trainer.is_global_zero:
-            os.replace(tmp, path)
+            replace_durably(tmp, path)
             best = self.best_model_score
             payload = weights_payload(trainer, trainer.lightning_module, None if best is None else float(best))
             atomic_torch_save(payload, path.with_suffix(".pt"))
         trainer.strategy.barrier()
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
+
+
+class RandomState(L.Callback):
+    """Saves every rank's random generators (Python, NumPy, torch CPU and CUDA) in the checkpoint
+    and restores them on resume, so dropout and other random layers continue as if never stopped.
+
+    Stored as tensors and plain values only: the checkpoint stays ``weights_only``-loadable.
+    """
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        import random
+
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        local = {
+            "python": [list(random.getstate()[1]), random.getstate()[2]],
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        # Every rank calls this while the checkpoint is assembled; rank 0 writes all ranks' states.
+        gathered = [local]
+        if trainer.world_size > 1:
+            gathered = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, local)
+        checkpoint["rng_states"] = gathered
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        import random
+
+        import numpy as np
+
+        states = checkpoint.get("rng_states")
+        if not states:
+            return
+        state = states[trainer.global_rank] if trainer.global_rank < len(states) else states[0]
+        internal, gauss_next = state["python"]
+        random.setstate((3, tuple(internal), gauss_next))
+        keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])

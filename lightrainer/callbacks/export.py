@@ -20,18 +20,23 @@ class ExportCallback(Callback):
 
     ``export: onnx`` writes the ONNX model (a VQ-VAE also its encoder and decoder) with a
     ``.verify.json`` report beside each; ``export: engine`` or ``trt_quant: True`` also builds
-    ``weights/best.engine`` (int8 from a Q/DQ model with ``trt_quant``). Only rank 0 exports.
+    ``weights/best.engine``. With ``trt_quant`` the engine is int8, built from a Q/DQ model: the
+    QAT network's own ``best.onnx``, the PTQ callback's ``best_int8.onnx``, or, when neither
+    ``ptq`` nor ``qat`` is on, ``best_int8.onnx`` from PTQ run here (``method``, ``num_batches``
+    on the training batches), as the seed's ``trtexec --int8`` calibrated a float model.
+    Only rank 0 exports.
 
     Failures raise: a wrong or missing export is never reported as a success. The trained weights
     are already on disk when this runs, and the error message says how to retry with
     ``lightrainer export``. What can be checked before training is checked at the start of fit
-    (onnx/onnxruntime installed; TensorRT and a GPU for an engine), so a missing dependency stops
-    the run before any epoch instead of after the last.
+    (onnx/onnxruntime installed; TensorRT and a GPU for an engine; the quantization settings when
+    this callback runs PTQ), so a missing dependency stops the run before any epoch instead of
+    after the last.
 
     Args:
         cfg: the run's config (``export``, ``trt_quant``, ``run_dir``).
-        quantize: ``quantize(module, datamodule) -> fake-quant net`` (PTQ) for ``trt_quant`` with a
-            float network; without it, ``trt_quant`` needs ``ptq``/``qat`` to have quantized the net.
+        quantize: ``quantize(module, datamodule) -> fake-quant net`` for ``trt_quant`` with a float
+            network (default: PTQ by :func:`lightrainer.quant.workflow.ptq_network`).
         max_batches: validation batches the verification runs on (None = all).
     """
 
@@ -47,6 +52,11 @@ class ExportCallback(Callback):
             return "engine"
         return self.cfg.export
 
+    @property
+    def runs_ptq(self) -> bool:
+        """Whether this callback calibrates the network itself (``trt_quant`` without ``ptq``/``qat``)."""
+        return bool(self.cfg.trt_quant) and not (self.cfg.ptq or self.cfg.qat) and self.quantize is None
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self.format is None:
             return
@@ -55,13 +65,11 @@ class ExportCallback(Callback):
 
         require_onnx()
         require_onnxruntime()
-        if self.cfg.trt_quant and not (self.cfg.ptq or self.cfg.qat) and self.quantize is None:
-            from lightrainer.export.errors import ExportError
+        if self.runs_ptq:
+            from lightrainer.quant.workflow import check_quant_config
 
-            raise ExportError(
-                "trt_quant: an int8 engine needs a quantized model: also set ptq: True (calibrate after fit) "
-                "or qat: True (quantization-aware training)"
-            )
+            # trt_quant alone runs PTQ after fit: its settings, backend and layers are checked now.
+            check_quant_config(self.cfg.replace(ptq=True, qat=False), pl_module.net)
         if self.format == "engine":
             from lightrainer.export.tensorrt import check_tensorrt
 
@@ -82,10 +90,20 @@ class ExportCallback(Callback):
             loaders = trainer.val_dataloaders
             loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
             val_inputs = [pl_module.example_input(b) for b in itertools.islice(loader, self.max_batches)]
+        quantize = self.quantize
+        if self.runs_ptq:
+            from lightrainer.callbacks.ptq import fit_loaders
+            from lightrainer.quant.workflow import ptq_network
+
+            train_loader, _ = fit_loaders(trainer)
+
+            def quantize(module: Any, datamodule: Any) -> Any:
+                return ptq_network(module, train_loader, self.cfg)
+
         try:
             result = export_from_weights(
                 pl_module, trainer.datamodule, self.cfg, weights, self.format,
-                int8=self.cfg.trt_quant, quantize=self.quantize, max_batches=self.max_batches, val_inputs=val_inputs,
+                int8=self.cfg.trt_quant, quantize=quantize, max_batches=self.max_batches, val_inputs=val_inputs,
             )
         except (ExportError, MissingDependencyError):
             log.error(

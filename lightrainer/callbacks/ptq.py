@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightrainer.config import Config
-from lightrainer.quant.workflow import PTQResult, check_quant_config, post_training_quantize
+from lightrainer.quant.workflow import PTQResult, best_weights, check_quant_config, post_training_quantize
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +40,14 @@ class PTQCallback(Callback):
         if not trainer.is_global_zero or trainer.interrupted:
             return
         run_dir = Path(self.cfg.run_dir or trainer.default_root_dir)
-        best = run_dir / "weights" / "best.pt"
-        state = torch.load(best, map_location=pl_module.device, weights_only=True)["model"] if best.is_file() else None
-        if state is None:
-            log.warning("PTQ: %s not found: quantizing the network's final weights", best)
-        train_loader, val_loader = _loaders(trainer)
+        state = best_weights(run_dir, pl_module.device)
+        train_loader, val_loader = fit_loaders(trainer)
         self.result = post_training_quantize(
             pl_module, train_loader, val_loader, self.cfg, run_dir, state_dict=state, sensitivity=self.sensitivity
         )
 
 
-def _loaders(trainer: L.Trainer) -> tuple[Any, Any]:
+def fit_loaders(trainer: L.Trainer) -> tuple[Any, Any]:
     """The fit's train and val loaders (the datamodule's where there is one)."""
     datamodule = trainer.datamodule
     if datamodule is not None:

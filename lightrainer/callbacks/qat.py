@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightrainer.config import Config
 from lightrainer.quant.base import iter_quantizers
 from lightrainer.quant.calibrate import CalibrationResult, calibrate, refresh_weight_amax, set_amax
 from lightrainer.quant.replace import quantize_model
-from lightrainer.quant.workflow import REPORT_BATCHES, _is_classifier, check_quant_config, export_int8, save_quantized
+from lightrainer.callbacks.ptq import fit_loaders
+from lightrainer.quant.workflow import REPORT_BATCHES, best_weights, check_quant_config, export_int8, save_quantized
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +79,14 @@ class QATCallback(Callback):
             return
         run_dir = Path(self.cfg.run_dir or trainer.default_root_dir)
         net = copy.deepcopy(pl_module.net)
-        best = run_dir / "weights" / "best.pt"
-        if best.is_file():
-            net.load_state_dict(torch.load(best, map_location=pl_module.device, weights_only=True)["model"])
+        state = best_weights(run_dir, pl_module.device)
+        if state is not None:
+            net.load_state_dict(state)
         save_quantized(net, run_dir, self.cfg, extra={"qat": True})
-        inputs = [pl_module.example_input(b) for b in itertools.islice(_val_loader(trainer), REPORT_BATCHES)]
-        _, self.onnx = export_int8(net, inputs, run_dir, classify=_is_classifier(pl_module))
+        _, val_loader = fit_loaders(trainer)
+        inputs = [pl_module.example_input(b) for b in itertools.islice(val_loader, REPORT_BATCHES)]
+        _, self.onnx = export_int8(pl_module, net, inputs, run_dir, self.cfg)
 
     def state_dict(self) -> dict[str, Any]:
         # The quantizer amax live in the module's state_dict; this records how they were made.
         return {"method": self.cfg.method, "quant_backend": self.cfg.quant_backend}
-
-
-def _val_loader(trainer: L.Trainer) -> Any:
-    if trainer.datamodule is not None:
-        return trainer.datamodule.val_dataloader()
-    return trainer.val_dataloaders

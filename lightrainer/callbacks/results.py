@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from lightrainer.callbacks.checkpoint import replace_durably
 from lightrainer.plots import plot_results
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class ResultsCSV(Callback):
             writer.writeheader()
             for row in self.rows:
                 writer.writerow({k: _fmt(row.get(k)) for k in header})
-        os.replace(tmp, self.path)
+        replace_durably(tmp, self.path)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._plot(trainer)

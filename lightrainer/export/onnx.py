@@ -23,6 +23,7 @@ from lightrainer.export.errors import ExportError
 from lightrainer.export.graph import PathLike, companion_path, require_onnx
 from lightrainer.export.verify import Tolerance, verify_onnx
 from lightrainer.export.view import ExportView, as_tensors, cpu_eval, normalise_outputs
+from lightrainer.modules.blocks import apply_constraints_
 
 if TYPE_CHECKING:
     import onnx
@@ -59,6 +60,9 @@ def export_onnx(
     given, and only then moved under ``path`` (temporary file + ``os.replace``): a failure at any
     step leaves nothing new under ``path``.
 
+    Max-norm constrained layers (:func:`lightrainer.modules.blocks.apply_constraints_`) are
+    projected first, in place, as their next forward pass would do.
+
     Args:
         net: the network (exported in eval mode, on the CPU; its training flag is restored).
         example_input: one input batch (its batch size is raised to 2 for a dynamic batch axis).
@@ -94,6 +98,9 @@ def export_onnx(
     selection = normalise_outputs(outputs)
     started = time.perf_counter()
     with cpu_eval(net) as cpu_net:
+        # Tracing skips the max-norm projection of constrained layers: project before, so the file
+        # holds the weights the layers compute with.
+        apply_constraints_(cpu_net)
         view = ExportView(cpu_net, method, selection)
         x = example_input.detach().cpu()
         if dynamic_batch and x.shape[0] == 1:

@@ -127,13 +127,26 @@ def _is_vqvae(net: nn.Module) -> bool:
     return callable(getattr(net, "encode_codes", None)) and callable(getattr(net, "decode_codes", None))
 
 
+def export_model(
+    net: nn.Module, inputs: list[Tensor], path: PathLike, meta: Mapping[str, Any], task: str, dynamo: bool = False
+) -> Path:
+    """Export a task's whole network to ``path``, verified on ``inputs`` (float, or Q/DQ when quantized).
+
+    The input is called "images"; a classifier's output "logits"; a network returning a tuple (the
+    VQ-VAE's reconstruction, loss, perplexity) exports its first element as "reconstruction".
+    Spatial axes are dynamic where the network runs at another size.
+    """
+    return export_onnx(net, inputs[0], path, metadata=meta, dynamo=dynamo, input_names=("images",),
+                       dynamic_spatial=None, verify=inputs, task=task, **_selection(net, inputs[0], task))
+
+
 def _export_net(net: nn.Module, inputs: list[Tensor], path: Path, meta: dict[str, Any], task: str, dynamo: bool) -> list[Path]:
     """Export ``net`` to ``path`` (and a VQ-VAE's encoder and decoder beside it), each verified."""
-    common = dict(dynamo=dynamo, input_names=("images",), dynamic_spatial=None, verify=inputs, task=task)
-    whole = export_onnx(net, inputs[0], path, metadata=meta, **_selection(net, inputs[0], task), **common)
+    whole = export_model(net, inputs, path, meta, task, dynamo)
     if not _is_vqvae(net):
         return [whole]
     # VQ-VAE: also images -> codes and codes -> images.
+    common = dict(dynamo=dynamo, input_names=("images",), dynamic_spatial=None, verify=inputs, task=task)
     stem = path.with_suffix("")
     encoder = export_onnx(net, inputs[0], stem.with_name(stem.name + ".encoder.onnx"), method="encode_codes",
                           metadata={**meta, "part": "encoder"}, output_names=("codes",), **common)
@@ -163,11 +176,11 @@ def export_from_weights(
     """Load a run's weights into ``module.net``, export verified ONNX and optionally an engine.
 
     Writes ``<stem>.onnx`` (a VQ-VAE also ``<stem>.encoder.onnx`` and ``<stem>.decoder.onnx``),
-    each with ``<name>.verify.json``; with ``fmt="engine"`` also ``<stem>.engine``; with
-    ``int8``, the engine is built from a Q/DQ model: ``<stem>.onnx`` itself when the network is
-    quantized (QAT), else ``<stem>_int8.onnx`` written by the PTQ callback, else one exported here
-    from ``quantize``. Nothing is left
-    under a final name when a step fails.
+    each with ``<name>.verify.json``; with ``fmt="engine"`` also ``<stem>.engine``. Weights of a
+    quantized network (QAT) make ``<stem>.onnx`` a Q/DQ model. With ``int8`` a Q/DQ model is
+    also made sure of, and an engine built from it: ``<stem>.onnx`` itself when the network is
+    quantized, else ``<stem>_int8.onnx`` written by the PTQ callback, else PTQ runs here
+    (``quantize``) and writes it. Nothing is left under a final name when a step fails.
 
     Args:
         module: the task module (a LightrainerModule) whose ``net`` receives the weights.
@@ -177,10 +190,10 @@ def export_from_weights(
         fmt: "onnx" or "engine".
         out_dir: where to write (default: the weights file's folder).
         dynamo: use the dynamo exporter.
-        int8: build an int8 engine from a Q/DQ model (implies ``fmt="engine"`` work).
+        int8: make sure of a Q/DQ model (running PTQ on a float network) and build the engine from it.
         fp16: allow fp16 kernels in the engine.
-        quantize: ``quantize(module, datamodule) -> fake-quant net`` (PTQ), used when ``int8`` and
-            the network is not quantized yet.
+        quantize: ``quantize(module, datamodule) -> fake-quant net``, used when ``int8`` and the
+            network is not quantized yet (default: PTQ with ``cfg``'s method and num_batches).
         max_batches: validation batches to verify on (None = all).
         val_inputs: input tensors to verify on instead of the datamodule's validation batches.
 
@@ -196,39 +209,86 @@ def export_from_weights(
         check_tensorrt()  # before any work: no half-made outputs when TensorRT is missing
     weights = Path(weights)
     ckpt = load_weights(weights)
+    cfg = cfg if cfg is not None else getattr(module, "cfg", None)
+    module.net = load_net_weights(module.net, ckpt["model"], weights, getattr(cfg, "quant_backend", "auto"))
     net: nn.Module = module.net
-    apply_weights(net, ckpt["model"], weights)
     out = Path(out_dir) if out_dir is not None else weights.parent
     stem = out / weights.stem
     inputs = list(val_inputs) if val_inputs is not None else _val_inputs(module, datamodule, max_batches)
     if not inputs:
         raise ExportError("no validation batches to verify the export on: the datamodule needs a val split")
-    cfg = cfg if cfg is not None else getattr(module, "cfg", None)
     config = ckpt.get("config") or (cfg.to_dict() if cfg is not None else None)
     meta = run_metadata(module, datamodule, config, ckpt)
+    if _is_quantized(net):
+        meta["quantized"] = "int8"
     task = meta["task"]
     result = ExportResult(onnx=_export_net(net, inputs, stem.with_suffix(".onnx"), meta, task, dynamo))
+    qdq_source = None
+    if int8:
+        qdq_source = _qdq_model(module, datamodule, cfg, result.onnx[0], stem, inputs, meta, quantize)
+        if qdq_source not in result.onnx:
+            result.onnx.append(qdq_source)
     if fmt != "engine":
         return result
-    engine_source = result.onnx[0]
-    int8_onnx = stem.with_name(stem.name + "_int8.onnx")  # the PTQ/QAT callbacks' Q/DQ model
-    if int8 and not sum(count_qdq_nodes(engine_source).values()) and int8_onnx.is_file():
-        engine_source = int8_onnx
-    elif int8 and not sum(count_qdq_nodes(engine_source).values()):
-        if quantize is None:
-            raise ExportError(
-                "int8 engine (trt_quant) of a float network: it must be quantized first; set ptq: True or "
-                "qat: True, or pass quantize=... (PTQ) to export_from_weights"
-            )
-        qnet = quantize(module, datamodule)
-        # TorchScript exporter: the dynamo one fails on fake-quant ops (DESIGN.md).
-        engine_source = export_onnx(qnet, inputs[0], int8_onnx, dynamo=False,
-                                    input_names=("images",), metadata={**meta, "quantized": "int8"},
-                                    verify=inputs, task=task, **_selection(qnet, inputs[0], task))
-        result.onnx.append(engine_source)
     batch = int(cfg.batch) if cfg is not None else int(inputs[0].shape[0])
-    result.engine = build_engine(engine_source, stem.with_suffix(".engine"), batch=batch, fp16=fp16, int8=int8)
+    result.engine = build_engine(qdq_source or result.onnx[0], stem.with_suffix(".engine"), batch=batch, fp16=fp16,
+                                 int8=int8)
     return result
+
+
+def load_net_weights(net: nn.Module, state: Mapping[str, Tensor], source: PathLike, backend: str = "auto") -> nn.Module:
+    """``net`` with ``state`` loaded exactly; weights of a quantized network (a QAT run's
+    ``best.pt``, PTQ's ``best_int8.pt``: they hold quantizer amax) first quantize ``net`` to match.
+
+    Returns:
+        ``net``, or its quantized form.
+
+    Raises:
+        ExportError: the weights were saved by a different model (see :func:`apply_weights`).
+    """
+    from lightrainer.quant.replace import is_quantized_state_dict
+
+    if is_quantized_state_dict(state):
+        from lightrainer.quant.replace import quantize_like
+
+        net = quantize_like(net, state, backend)
+    apply_weights(net, state, source)
+    return net
+
+
+def _is_quantized(net: nn.Module) -> bool:
+    from lightrainer.quant.base import iter_quantizers
+
+    return next(iter_quantizers(net), None) is not None
+
+
+def _qdq_model(
+    module: Any, datamodule: Any, cfg: Any, exported: Path, stem: Path, inputs: list[Tensor],
+    meta: dict[str, Any], quantize: QuantizeFn | None,
+) -> Path:
+    """The Q/DQ ONNX model an int8 engine is built from.
+
+    ``exported`` itself when the network is quantized (QAT weights); else ``<stem>_int8.onnx``
+    when the PTQ callback wrote it; else PTQ now (``quantize``, default
+    :func:`lightrainer.quant.workflow.ptq_network` with the config's method and num_batches) and
+    a verified export of the result to ``<stem>_int8.onnx``.
+    """
+    if sum(count_qdq_nodes(exported).values()):
+        return exported
+    int8_onnx = stem.with_name(stem.name + "_int8.onnx")
+    if int8_onnx.is_file():
+        return int8_onnx
+    if quantize is None:
+        if cfg is None:
+            raise ExportError("int8 of a float network needs PTQ and a config (method, num_batches) to run it")
+        from lightrainer.quant.workflow import ptq_network
+
+        def quantize(module: Any, datamodule: Any) -> nn.Module:
+            return ptq_network(module, datamodule.train_dataloader(), cfg)
+
+    log.info("int8: the network is float: post-training quantization first")
+    qnet = quantize(module, datamodule)
+    return export_model(qnet, inputs, int8_onnx, {**meta, "quantized": "int8"}, meta["task"])
 
 
 def _selection(net: nn.Module, x: Tensor, task: str) -> dict[str, Any]:
@@ -263,7 +323,8 @@ def benchmark_from_weights(
     cfg = cfg if cfg is not None else getattr(module, "cfg", None)
     onnx_path = weights.with_suffix(".onnx")
     if onnx_path.is_file():
-        apply_weights(module.net, load_weights(weights)["model"], weights)
+        module.net = load_net_weights(module.net, load_weights(weights)["model"], weights,
+                                      getattr(cfg, "quant_backend", "auto"))
     else:
         export_from_weights(module, datamodule, cfg, weights, "onnx")
     qdq = Path(qdq_path) if qdq_path else weights.with_name(weights.stem + "_int8.onnx")

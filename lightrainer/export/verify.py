@@ -94,6 +94,13 @@ class VerifyReport:
         return asdict(self)
 
 
+def load_report(model_path: PathLike) -> VerifyReport:
+    """The verification report written next to an ONNX model (``<model>.verify.json``)."""
+    data = json.loads(companion_path(model_path, ".verify.json").read_text())
+    data["outputs"] = [OutputCheck(**out) for out in data["outputs"]]
+    return VerifyReport(**data)
+
+
 def require_onnxruntime() -> Any:
     """The ``onnxruntime`` module, or a one-line error naming the extra to install."""
     try:

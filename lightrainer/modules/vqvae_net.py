@@ -211,7 +211,8 @@ class VectorQuantizer(nn.Module):
         dead = self.hits_since_restart == 0
         if bool(dead.any()):
             self._restart(flat, dead)
-            log.debug("restarted %d unused codes at step %d", int(dead.sum()), int(self.steps))
+            if log.isEnabledFor(logging.DEBUG):  # int() syncs with the device: only when asked
+                log.debug("restarted %d unused codes at step %d", int(dead.sum()), int(self.steps))
         self.hits_since_restart.zero_()
 
     @torch.compiler.disable

@@ -2,8 +2,7 @@
 
     net = quantize_model(net, backend="auto", keep_float=("head",))
     calibrate(net, train_loader, method="entropy", num_batches=20)
-    with qdq_export_context(net):  # Q/DQ ONNX
-        ...
+    export_onnx(net, x, "best_int8.onnx", verify=val_batches)  # Q/DQ ONNX (lightrainer.export)
 """
 
 from lightrainer.quant.base import (
@@ -25,7 +24,7 @@ from lightrainer.quant.calibrate import (
     refresh_weight_amax,
     register_calib_method,
 )
-from lightrainer.quant.qdq import compare_onnx, export_qdq_onnx, qdq_export_context, qdq_translation_table
+from lightrainer.quant.qdq import qdq_export_context, qdq_translation_table
 from lightrainer.quant.replace import (
     add_quantizers,
     class_swap_factory,
@@ -33,6 +32,7 @@ from lightrainer.quant.replace import (
     load_quantized_state_dict,
     quant_layer_types,
     quantizable_layers,
+    quantize_like,
     quantize_model,
     register_quant_layer,
 )
@@ -43,9 +43,7 @@ __all__ = [
     "LayerSensitivity",
     "PTQResult",
     "check_quant_config",
-    "compare_onnx",
     "evaluate",
-    "export_qdq_onnx",
     "is_quantized_state_dict",
     "load_quantized_state_dict",
     "post_training_quantize",
@@ -71,6 +69,7 @@ __all__ = [
     "refresh_weight_amax",
     "quant_layer_types",
     "quantizable_layers",
+    "quantize_like",
     "quantize_model",
     "register_backend",
     "register_calib_method",

@@ -10,6 +10,7 @@ calibration API both libraries share: ``disable_quant`` / ``enable_calib`` / for
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.metadata
 from abc import ABC, abstractmethod
 from typing import Any, Iterator
@@ -30,9 +31,15 @@ class QuantBackend(ABC):
     #: the import name of the library
     module: str = ""
 
-    @abstractmethod
     def check_installed(self) -> None:
-        """Raise :class:`ConfigError` in one line (naming the pip command) where the library is unusable."""
+        """Raise :class:`ConfigError` in one line (naming the pip command) where the library is unusable.
+
+        The default imports :attr:`module`; a backend adds its own checks (versions, extra imports).
+        """
+        try:
+            importlib.import_module(self.module)
+        except ImportError as err:
+            raise ConfigError(f"quant_backend: {self.name} is not installed ({err}): {INSTALL_HINT}") from None
 
     @abstractmethod
     def make_quantizer(self, axis: int | None) -> nn.Module:

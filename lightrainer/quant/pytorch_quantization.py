@@ -8,7 +8,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from lightrainer.config import ConfigError
-from lightrainer.quant.base import INSTALL_HINT, NUM_BITS, QuantBackend, dist_version
+from lightrainer.quant.base import NUM_BITS, QuantBackend, dist_version
 
 REAL_VERSION = "2.1.3"
 
@@ -27,10 +27,7 @@ class PytorchQuantizationBackend(QuantBackend):
                 f"quant_backend: pytorch-quantization {version} is a placeholder package from PyPI that does not "
                 f"work: pip install pytorch-quantization=={REAL_VERSION}"
             )
-        try:
-            import pytorch_quantization  # noqa: F401
-        except ImportError as err:
-            raise ConfigError(f"quant_backend: pytorch_quantization is not installed ({err}): {INSTALL_HINT}") from None
+        super().check_installed()
 
     def make_quantizer(self, axis: int | None) -> nn.Module:
         from pytorch_quantization.nn import TensorQuantizer

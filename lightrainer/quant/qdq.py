@@ -1,26 +1,23 @@
-"""Q/DQ ONNX for TensorRT explicit quantization, and saving/loading quantized weights.
+"""Q/DQ ONNX for TensorRT explicit quantization: exportable quantize-dequantize modules.
 
 TensorRT wants QuantizeLinear/DequantizeLinear pairs with symmetric int8 scales (amax / 127),
 zero point 0 (int8) and per-channel weight scales along axis 0. During export each quantizer is
 swapped for a module built on torch's own quantize ops, so the same graph comes out of both
 libraries: ``fake_quantize_*`` for the TorchScript exporter, ``quantized_decomposed`` ops with a
 custom translation table for the dynamo exporter (whose tracer cannot run fake_quantize with a
-dynamic batch).
+dynamic batch). :func:`lightrainer.export.export_onnx` enters :func:`qdq_export_context` for
+any network holding quantizers, so a quantized network exports (and is verified) like any other.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
-from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from lightrainer.quant.base import is_weight_quantizer, iter_quantizers
-from lightrainer.quant.sensitivity import _main_output
 
 QMIN, QMAX = -128, 127
 #: smallest scale written: a dead channel (amax 0) must not give a zero scale
@@ -124,94 +121,3 @@ def qdq_export_context(net: nn.Module, dynamo: bool = False) -> Iterator[nn.Modu
     finally:
         for parent, child, quantizer in reversed(swapped):
             setattr(parent, child, quantizer)
-
-
-def export_qdq_onnx(
-    net: nn.Module,
-    example_input: Tensor,
-    path: str | os.PathLike,
-    *,
-    dynamo: bool = False,
-    opset: int = 17,
-    input_names: Sequence[str] = ("images",),
-    output_names: Sequence[str] = ("output",),
-) -> Path:
-    """Write a Q/DQ ONNX model of a calibrated quantized network, with a dynamic batch axis.
-
-    The file appears under its final name only once written and checked.
-
-    Args:
-        net: a calibrated quantized network (any single-tensor-input network).
-        example_input: an input batch.
-        path: the .onnx file.
-        dynamo: use the dynamo exporter (default: TorchScript, as TensorRT users mostly do).
-        opset: ONNX opset (dynamo needs >= 18 and raises it itself).
-        input_names / output_names: graph input and output names.
-
-    Returns:
-        The path written.
-    """
-    import onnx
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = net.training
-    net.eval()
-    example_input = example_input.to(next(net.parameters()).device)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
-        with torch.no_grad(), qdq_export_context(net, dynamo=dynamo):
-            if dynamo:
-                torch.onnx.export(
-                    net, (example_input,), tmp, dynamo=True, opset_version=max(opset, 18),
-                    input_names=list(input_names), output_names=list(output_names),
-                    dynamic_shapes=({0: torch.export.Dim("batch")},),
-                    custom_translation_table=qdq_translation_table(), verbose=False,
-                )
-            else:
-                torch.onnx.export(
-                    net, (example_input,), tmp, dynamo=False, opset_version=opset,
-                    input_names=list(input_names), output_names=list(output_names),
-                    dynamic_axes={name: {0: "batch"} for name in (*input_names, *output_names)},
-                )
-        onnx.checker.check_model(onnx.load(tmp))
-        os.replace(tmp, path)
-    finally:
-        net.train(was_training)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-@torch.no_grad()
-def compare_onnx(
-    path: str | os.PathLike, net: nn.Module, inputs: Iterable[Tensor], classify: bool = True
-) -> dict[str, float]:
-    """Run an ONNX model in ONNX Runtime and the PyTorch net on the same inputs.
-
-    Returns:
-        ``max_abs_diff`` over all outputs and, where ``classify``, ``argmax_agreement`` (0..1).
-    """
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    was_training = net.training
-    net.eval()
-    device = next(net.parameters()).device
-    max_diff, agree, total = 0.0, 0, 0
-    try:
-        for x in inputs:
-            ours = _main_output(net(x.to(device))).float().cpu()
-            theirs = torch.from_numpy(session.run(None, {input_name: x.cpu().numpy()})[0])
-            max_diff = max(max_diff, (ours - theirs).abs().max().item())
-            if classify:
-                agree += (ours.argmax(1) == theirs.argmax(1)).sum().item()
-                total += ours.shape[0]
-    finally:
-        net.train(was_training)
-    result = {"max_abs_diff": max_diff}
-    if classify:
-        result["argmax_agreement"] = agree / max(total, 1)
-    return result

@@ -220,19 +220,44 @@ def is_quantized_state_dict(state_dict: Mapping[str, Any]) -> bool:
     return any(key.endswith("_quantizer._amax") for key in state_dict)
 
 
+def quantize_like(net: nn.Module, state_dict: Mapping[str, Any], backend: str | QuantBackend = "auto") -> nn.Module:
+    """Quantize ``net`` the way ``state_dict``'s network was, ready for ``net.load_state_dict(state_dict)``.
+
+    The layers quantized are those whose quantizer amax the state_dict holds; the others stay
+    float. Each of their quantizers gets an ``_amax`` buffer of the saved shape, so ``net``'s
+    keys and shapes match the file before anything is loaded (a mismatch then means another model).
+    Layers of ``net`` that are quantized already are left as they are.
+
+    Returns:
+        ``net`` (or its replacement where ``net`` itself is a single layer), not yet loaded.
+    """
+    amax_keys = [key for key in state_dict if key.endswith("_quantizer._amax")]
+    quantized = {key.rsplit(".", 2)[0] for key in amax_keys}
+    todo = [name for name in quantizable_layers(net) if name in quantized]
+    if todo:
+        keep_float = [name for name in quantizable_layers(net) if name not in quantized]
+        net = quantize_model(net, backend, keep_float=keep_float)
+    from lightrainer.quant.calibrate import set_amax
+
+    modules = dict(net.named_modules())
+    for key in amax_keys:
+        quantizer, layer = modules.get(key[: -len("._amax")]), modules.get(key.rsplit(".", 2)[0])
+        if quantizer is not None and layer is not None and "_amax" not in quantizer._buffers:
+            device = next((p.device for p in layer.parameters(recurse=False)), torch.device("cpu"))
+            set_amax(quantizer, torch.zeros_like(state_dict[key], device=device))
+    return net
+
+
 def load_quantized_state_dict(
     net: nn.Module, state_dict: Mapping[str, Any], backend: str | QuantBackend = "auto"
 ) -> nn.Module:
-    """Quantize a float ``net`` the way ``state_dict``'s network was, then load it (amax included).
+    """Quantize a float ``net`` the way ``state_dict``'s network was (:func:`quantize_like`), then load it.
 
-    The layers quantized are those whose quantizer amax the state_dict holds; the others stay float.
     Works on the weights of ``best_int8.pt`` and on a QAT run's ``best.pt`` / ``last.pt``.
 
     Returns:
         The quantized network with the weights and amax loaded.
     """
-    quantized = {key.rsplit(".", 2)[0] for key in state_dict if key.endswith("_quantizer._amax")}
-    keep_float = [name for name in quantizable_layers(net) if name not in quantized]
-    net = quantize_model(net, backend, keep_float=keep_float)
+    net = quantize_like(net, state_dict, backend)
     net.load_state_dict(state_dict)
     return net

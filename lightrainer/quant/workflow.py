@@ -24,13 +24,12 @@ from torch import Tensor, nn
 from lightrainer.config import Config, ConfigError
 from lightrainer.quant.base import QuantBackend, get_backend
 from lightrainer.quant.calibrate import CalibrationResult, calibrate, get_calib_method
-from lightrainer.quant.qdq import compare_onnx, export_qdq_onnx
-from lightrainer.quant.replace import quantizable_layers, quantize_model
+from lightrainer.quant.replace import is_quantized_state_dict, quantizable_layers, quantize_model
 from lightrainer.quant.sensitivity import quant_sensitivity, write_sensitivity
 
 log = logging.getLogger(__name__)
 
-#: validation batches used for the sensitivity report and the ONNX Runtime parity check
+#: validation batches used for the sensitivity report and the ONNX Runtime verification of the Q/DQ model
 REPORT_BATCHES = 8
 
 
@@ -143,6 +142,22 @@ def quantize_calibrated(
     return net, result
 
 
+def ptq_network(module: Any, train_loader: Iterable[Any], cfg: Config) -> nn.Module:
+    """A calibrated fake-quant copy of ``module.net`` (``module.net`` itself stays float).
+
+    What an int8 TensorRT engine of a float network is built from (``trt_quant`` without
+    ``ptq``, ``lightrainer export --format engine --int8``).
+
+    Raises:
+        ConfigError: a bad quantization setting, no backend, nothing to quantize.
+    """
+    backend = check_quant_config(cfg.replace(ptq=True, qat=False), module.net)
+    net = copy.deepcopy(module.net).eval()
+    net, calibration = quantize_calibrated(net, train_loader, cfg, module.example_input, backend)
+    log.info("PTQ: %s calibration on %d batches took %.2f s", cfg.method, calibration.batches, calibration.seconds)
+    return net
+
+
 def post_training_quantize(
     module: Any,
     train_loader: Iterable[Any],
@@ -166,7 +181,14 @@ def post_training_quantize(
     run_dir = Path(run_dir)
     fp32 = copy.deepcopy(module.net)
     if state_dict is not None:
-        fp32.load_state_dict(state_dict)
+        if is_quantized_state_dict(state_dict):
+            raise ConfigError(
+                "ptq: these weights are quantized already (a QAT run or best_int8.pt): export them with "
+                "lightrainer export --weights ... (the ONNX model is Q/DQ)"
+            )
+        from lightrainer.export.pipeline import apply_weights
+
+        apply_weights(fp32, state_dict)
     fp32.eval()
     qnet, calibration = quantize_calibrated(copy.deepcopy(fp32), train_loader, cfg, module.example_input, backend)
     log.info("PTQ: %s calibration on %d batches took %.2f s", cfg.method, calibration.batches, calibration.seconds)
@@ -179,14 +201,10 @@ def post_training_quantize(
         result.files.append(write_sensitivity(rows, run_dir, plot=cfg.plots))
     result.files += save_quantized(qnet, run_dir, cfg, extra={"ptq": _summary(result)})
     if onnx:
-        onnx_path, result.onnx = export_int8(qnet, inputs, run_dir, classify=_is_classifier(module))
+        onnx_path, result.onnx = export_int8(module, qnet, inputs, run_dir, cfg)
         result.files.append(onnx_path)
     result.files += write_ptq_table(result, run_dir)
     return result
-
-
-def _is_classifier(module: Any) -> bool:
-    return "acc" in str(getattr(module, "fitness_key", ""))
 
 
 def _summary(result: PTQResult) -> dict[str, Any]:
@@ -198,6 +216,15 @@ def _summary(result: PTQResult) -> dict[str, Any]:
         "fp32": result.fp32,
         "int8": result.int8,
     }
+
+
+def best_weights(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Tensor] | None:
+    """The network state_dict of the run's ``weights/best.pt``, or None (with a warning) when absent."""
+    best = Path(run_dir) / "weights" / "best.pt"
+    if not best.is_file():
+        log.warning("%s not found: using the network's final weights", best)
+        return None
+    return torch.load(best, map_location=device, weights_only=True)["model"]
 
 
 def save_quantized(net: nn.Module, run_dir: Path, cfg: Config, extra: dict[str, Any] | None = None) -> list[Path]:
@@ -219,11 +246,34 @@ def save_quantized(net: nn.Module, run_dir: Path, cfg: Config, extra: dict[str, 
 
 
 def export_int8(
-    net: nn.Module, inputs: list[Tensor], run_dir: Path, classify: bool = True, dynamo: bool = False
+    module: Any, net: nn.Module, inputs: list[Tensor], run_dir: Path, cfg: Config, dynamo: bool = False
 ) -> tuple[Path, dict[str, float]]:
-    """Write ``weights/best_int8.onnx`` (Q/DQ) and compare it in ONNX Runtime with the fake-quant net."""
-    path = export_qdq_onnx(net, inputs[0], run_dir / "weights" / "best_int8.onnx", dynamo=dynamo)
-    parity = compare_onnx(path, net, inputs, classify=classify)
+    """Write ``weights/best_int8.onnx`` (Q/DQ) of the fake-quant ``net``, verified in ONNX Runtime.
+
+    The export is :func:`lightrainer.export.pipeline.export_model`'s (the one every ONNX model of
+    a run goes through): verification against PyTorch fake-quant on ``inputs`` with the Q/DQ
+    tolerance, the file promoted only when it passes.
+
+    Returns:
+        The path and its parity: ``max_abs_diff`` and, for a classifier, ``argmax_agreement`` (0..1).
+
+    Raises:
+        ExportError: the export fails or the Q/DQ model disagrees with PyTorch beyond the tolerance.
+    """
+    from lightrainer.export.pipeline import export_model, run_metadata
+    from lightrainer.export.verify import load_report
+
+    meta = {
+        **run_metadata(module, None, cfg.to_dict(), {}),
+        "quantized": "int8",
+        "quant_backend": get_backend(cfg.quant_backend).name,
+        "quant_method": cfg.method,
+    }
+    path = export_model(net, inputs, run_dir / "weights" / "best_int8.onnx", meta, meta["task"], dynamo)
+    main = load_report(path).outputs[0]
+    parity = {"max_abs_diff": main.max_abs_diff}
+    if main.agreement is not None:
+        parity["argmax_agreement"] = main.agreement
     log.info("Q/DQ ONNX %s vs PyTorch fake-quant: %s", path, ", ".join(f"{k}={v:.4g}" for k, v in parity.items()))
     return path, parity
 
@@ -261,21 +311,16 @@ def run_ptq(module: Any, datamodule: Any, cfg: Config, weights_path: str | os.Pa
     Results go to the weights' run folder (``RUN/``) unless ``cfg.run_dir`` is set.
 
     Raises:
-        ConfigError: a bad quantization setting, a missing backend, a weights file that does not
-            exist or is not a lightrainer weights file (before any work is done).
+        ConfigError: a bad quantization setting, a missing backend, quantized weights.
+        ExportError: a weights file that does not exist, is not a lightrainer weights file, or was
+            saved by a different model (all before any work is done).
     """
-    weights_path = Path(weights_path)
+    from lightrainer.export.pipeline import load_weights
+
     check_quant_config(cfg.replace(ptq=True, qat=False), module.net)
-    if not weights_path.is_file():
-        raise ConfigError(f"--weights: {weights_path} does not exist: pass a run's weights/best.pt")
-    try:
-        ckpt = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any load failure means "not a lightrainer weights file"
-        raise ConfigError(f"--weights: {weights_path} is not a lightrainer weights file ({err})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ConfigError(f"--weights: {weights_path} is not a lightrainer weights file (no 'model' state_dict)")
+    weights_path = Path(weights_path)
+    ckpt = load_weights(weights_path)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else weights_path.parent.parent
-    datamodule.setup("fit")
     return post_training_quantize(
         module, datamodule.train_dataloader(), datamodule.val_dataloader(), cfg, run_dir, state_dict=ckpt["model"]
     )
