@@ -44,3 +44,26 @@ def test_point_clouds_pads_and_saves_only_the_encoder(tmp_path, repo_path: str) 
     cfg = example.main(save_dir=str(tmp_path), **FEW)
     saved = torch.load(os.path.join(cfg.run_dir, "weights", "best.pt"), weights_only=True)["model"]
     assert set(saved) == set(net.encoder.state_dict())
+
+
+def test_deploy_trains_quantizes_exports_and_times(tmp_path, repo_path: str) -> None:
+    result = load_example(repo_path, "deploy").main(save_dir=str(tmp_path), qat_epochs=1, **FEW)
+    run, qat_run = result["run"], result["qat_run"]
+    for name in ("ptq_results.md", "quant_sensitivity.png", "latency.md", "weights/best.onnx",
+                 "weights/best.onnx.verify.json", "weights/best_int8.onnx"):
+        assert (run / name).is_file(), name
+    assert (qat_run / "weights" / "best_int8.onnx").is_file()
+    backends = {row.backend for row in result["latency"]}
+    assert {"pytorch-eager", "onnxruntime-fp32", "onnxruntime-qdq"} <= backends
+    if result["engine"] is None:  # no TensorRT here: the table says why
+        assert "tensorrt" in (run / "latency.md").read_text()
+
+
+def test_vqvae_walkthrough(tmp_path, repo_path: str) -> None:
+    from PIL import Image
+
+    path = load_example(repo_path, "vqvae_walkthrough").main(
+        save_dir=str(tmp_path), epochs=1, limit_train_batches=4, limit_val_batches=2, enable_progress_bar=False
+    )
+    assert Image.open(path).size[0] > 1000
+    assert list(path.parent.glob("recon_epoch*.png"))
