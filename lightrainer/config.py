@@ -32,7 +32,7 @@ class ConfigError(ValueError):
     """A user mistake in the configuration: names the key, the allowed values and the fix."""
 
 
-def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], Any]:
+def choice(choices: tuple[str, ...]) -> Callable[[str, Any], Any]:
     lower = {c.lower(): c for c in choices}
 
     def check(key: str, value: Any) -> Any:
@@ -47,7 +47,7 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], Any]:
     return check
 
 
-def _at_least(low: float) -> Callable[[str, Any], Any]:
+def at_least(low: float) -> Callable[[str, Any], Any]:
     def check(key: str, value: Any) -> Any:
         if value < low:
             raise ConfigError(f"{key}: must be >= {low}, got {value!r}")
@@ -100,48 +100,48 @@ class Config:
     device: Union[int, str, list, None] = _key(
         None, doc='GPU ids (0, "0,1", [0, 1]), "cpu", or None/"" for auto'
     )
-    batch: int = _key(32, _at_least(1), "global batch size (split across devices)")
-    nbs: int = _key(64, _at_least(1), "nominal batch size: accumulation and weight-decay scaling")
-    num_workers: int = _key(4, _at_least(0), "DataLoader worker processes")
-    patience: int = _key(100, _at_least(0), "epochs without fitness improvement before stopping (0 = off)")
-    epochs: int = _key(200, _at_least(1), "training epochs")
+    batch: int = _key(32, at_least(1), "global batch size (split across devices)")
+    nbs: int = _key(64, at_least(1), "nominal batch size: accumulation and weight-decay scaling")
+    num_workers: int = _key(4, at_least(0), "DataLoader worker processes")
+    patience: int = _key(100, at_least(0), "epochs without fitness improvement before stopping (0 = off)")
+    epochs: int = _key(200, at_least(1), "training epochs")
     exist_ok: bool = _key(False, doc="reuse save_dir/name instead of incrementing it")
     amp: bool = _key(False, doc="automatic mixed precision where the device supports it")
     ptq: bool = _key(False, doc="post-training quantization after fit")
-    num_batches: Union[int, None] = _key(None, _at_least(1), "PTQ calibration batches (None = all)")
-    method: str = _key("entropy", _choice(CALIB_METHODS), "PTQ amax method")
+    num_batches: Union[int, None] = _key(None, at_least(1), "PTQ calibration batches (None = all)")
+    method: str = _key("entropy", choice(CALIB_METHODS), "PTQ amax method")
     qat: bool = _key(False, doc="quantization-aware training")
     trt_quant: bool = _key(False, doc="build an int8 TensorRT engine after fit")
-    optimizer: str = _key("Adam", _choice(OPTIMIZERS), "optimizer")
-    scheduler: str = _key("Cosine", _choice(SCHEDULERS), "lr schedule")
+    optimizer: str = _key("Adam", choice(OPTIMIZERS), "optimizer")
+    scheduler: str = _key("Cosine", choice(SCHEDULERS), "lr schedule")
     lr0: float = _key(0.01, _positive, "initial learning rate")
-    lrf: float = _key(0.01, _at_least(0), "final lr = lr0 * lrf")
+    lrf: float = _key(0.01, at_least(0), "final lr = lr0 * lrf")
     gamma: float = _key(0.9, _positive, "Exponential schedule factor")
     power: float = _key(2.0, _positive, "Polynomial schedule power")
     momentum: float = _key(0.937, _unit_interval_open, "SGD momentum / Adam beta1")
-    weight_decay: float = _key(0.0005, _at_least(0), "weight decay (scaled by batch*accumulate/nbs)")
-    warmup_epochs: float = _key(3.0, _at_least(0), "warmup epochs (fractions allowed)")
+    weight_decay: float = _key(0.0005, at_least(0), "weight decay (scaled by batch*accumulate/nbs)")
+    warmup_epochs: float = _key(3.0, at_least(0), "warmup epochs (fractions allowed)")
     warmup_momentum: float = _key(0.8, _unit_interval_open, "momentum at the start of warmup")
-    warmup_bias_lr: float = _key(0.1, _at_least(0), "bias lr at the start of warmup")
+    warmup_bias_lr: float = _key(0.1, at_least(0), "bias lr at the start of warmup")
 
     # --- keys beyond the seed (defaults keep seed behaviour) ---------------------------------
     name: str = _key("train", doc="run folder name under save_dir")
-    seed: int = _key(0, _at_least(0), "random seed (data split, shuffling, init)")
+    seed: int = _key(0, at_least(0), "random seed (data split, shuffling, init)")
     deterministic: bool = _key(False, doc="torch deterministic algorithms")
-    grad_clip: float = _key(10.0, _at_least(0), "gradient norm clip (0 = off)")
+    grad_clip: float = _key(10.0, at_least(0), "gradient norm clip (0 = off)")
     val_split: float = _key(0.2, _fraction, "fraction held out for validation (stratified)")
-    devices: Union[int, None] = _key(None, _at_least(1), "number of devices (overrides device count)")
-    num_nodes: int = _key(1, _at_least(1), "number of machines")
+    devices: Union[int, None] = _key(None, at_least(1), "number of devices (overrides device count)")
+    num_nodes: int = _key(1, at_least(1), "number of machines")
     sync_bn: Union[bool, None] = _key(None, doc="SyncBatchNorm (None = on when several devices)")
     tensorboard: bool = _key(False, doc="also log to TensorBoard")
     wandb: bool = _key(False, doc="also log to Weights & Biases")
     wandb_project: str = _key("lightrainer", doc="wandb project")
     wandb_offline: bool = _key(False, doc="wandb offline mode (no network)")
     plots: bool = _key(True, doc="write results.png and task plots")
-    shift: int = _key(0, _at_least(0), "random +-shift pixels for training images (in-memory image data)")
+    shift: int = _key(0, at_least(0), "random +-shift pixels for training images (in-memory image data)")
     label_smoothing: float = _key(0.0, _unit_interval_open, "cross-entropy label smoothing")
     percentile: float = _key(99.99, _percentile, "PTQ percentile method's percentile")
-    quant_backend: str = _key("auto", _choice(QUANT_BACKENDS), "quantization library")
+    quant_backend: str = _key("auto", choice(QUANT_BACKENDS), "quantization library")
     export: Union[str, None] = _key(None, doc="export after fit: onnx | engine | None")
     fitness: Union[str, None] = _key(None, doc="metric that selects the best epoch (None = task's)")
     compile: bool = _key(False, doc="torch.compile the network (first steps slower while it compiles)")

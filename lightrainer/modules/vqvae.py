@@ -21,7 +21,15 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
-from lightrainer.config import LPIPS_BACKBONES, Config, ConfigError, ExtraKey, register_task_keys
+from lightrainer.config import (
+    LPIPS_BACKBONES,
+    Config,
+    ConfigError,
+    ExtraKey,
+    at_least,
+    choice,
+    register_task_keys,
+)
 from lightrainer.module import LightrainerModule, StepOutput
 from lightrainer.modules.vqvae_net import VQVAE, code_histogram, usage_of
 
@@ -44,28 +52,10 @@ def _non_negative(key: str, value: float) -> float:
     return value
 
 
-def _at_least(low: int) -> Any:
-    def check(key: str, value: int) -> int:
-        if value < low:
-            raise ConfigError(f"{key}: must be >= {low}, got {value!r}")
-        return value
-
-    return check
-
-
 def _power_of_two(key: str, value: int) -> int:
     if value < 1 or value & (value - 1):
         raise ConfigError(f"{key}: must be a power of 2 (1, 2, 4, 8, ...), got {value!r}")
     return value
-
-
-def _choice(choices: tuple[str, ...]) -> Any:
-    def check(key: str, value: str) -> str:
-        if value.lower() not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
-        return value.lower()
-
-    return check
 
 
 def _decay(key: str, value: float) -> float:
@@ -82,24 +72,24 @@ register_task_keys(
         "recon_weight": ExtraKey(float, 10.0, _non_negative, "weight of the MSE reconstruction loss"),
         "lpips_weight": ExtraKey(float, 1.0, _non_negative, "weight of the LPIPS loss (0 = LPIPS off)"),
         "lpips_backbone": ExtraKey(
-            str, "pretrained", _choice(LPIPS_BACKBONES),
+            str, "pretrained", choice(LPIPS_BACKBONES),
             "LPIPS backbone: pretrained (ImageNet weights from the torch hub cache) | random (no download)",
         ),
-        "lpips_net": ExtraKey(str, "alex", _choice(LPIPS_NETS), "LPIPS backbone network: alex | vgg | squeeze"),
+        "lpips_net": ExtraKey(str, "alex", choice(LPIPS_NETS), "LPIPS backbone network: alex | vgg | squeeze"),
         # the network
-        "channels": ExtraKey(int, 64, _at_least(1), "VQ-VAE trunk width (not the image channels)"),
-        "res_blocks": ExtraKey(int, 2, _at_least(0), "residual blocks in the encoder and in the decoder"),
+        "channels": ExtraKey(int, 64, at_least(1), "VQ-VAE trunk width (not the image channels)"),
+        "res_blocks": ExtraKey(int, 2, at_least(0), "residual blocks in the encoder and in the decoder"),
         "downsample": ExtraKey(int, 4, _power_of_two, "code grid downsampling factor (power of 2)"),
-        "codebook_size": ExtraKey(int, 512, _at_least(2), "number of codes"),
-        "code_dim": ExtraKey(int, 32, _at_least(1), "dimension of each code"),
+        "codebook_size": ExtraKey(int, 512, at_least(2), "number of codes"),
+        "code_dim": ExtraKey(int, 32, at_least(1), "dimension of each code"),
         "commitment": ExtraKey(float, 0.25, _non_negative, "commitment loss weight (beta)"),
         "codebook_ema": ExtraKey(bool, False, None, "update the codebook by EMA instead of the gradient"),
         "codebook_decay": ExtraKey(float, 0.99, _decay, "EMA decay of the codebook (codebook_ema: True)"),
         "restart_unused": ExtraKey(bool, True, None, "re-initialise codes unused for restart_every steps"),
-        "restart_every": ExtraKey(int, 50, _at_least(1), "training steps between dead-code restarts"),
+        "restart_every": ExtraKey(int, 50, at_least(1), "training steps between dead-code restarts"),
         # the photo patches
-        "patch_size": ExtraKey(int, 32, _at_least(1), "training/validation crop size (divisible by downsample)"),
-        "patches_per_epoch": ExtraKey(int, 4096, _at_least(1), "random training crops per epoch"),
+        "patch_size": ExtraKey(int, 32, at_least(1), "training/validation crop size (divisible by downsample)"),
+        "patches_per_epoch": ExtraKey(int, 4096, at_least(1), "random training crops per epoch"),
         "channel_shuffle": ExtraKey(bool, False, None, "permute the colour channels of training crops at random"),
     },
 )  # fmt: skip
