@@ -31,7 +31,21 @@ from lightrainer.config import (
 
 log = logging.getLogger(__name__)
 
-README_URL = "README.md#troubleshooting"
+README = "README.md"
+# Where the README explains an error: by the package that raised it, then by words in the message.
+_SECTIONS_BY_PACKAGE = {"quant": "#quantization-ptq-and-qat", "export": "#export-onnx-tensorrt"}
+_SECTIONS_BY_WORD = {
+    "ckpt_path": "#crash-safety-and-resume",
+    "resume": "#crash-safety-and-resume",
+    "device": "#multi-gpu-and-multi-node",
+    "num_nodes": "#multi-gpu-and-multi-node",
+    "lpips": "#the-vq-vae-task-image-generation",
+    "class_path": "#the-command-line",
+    "method": "#quantization-ptq-and-qat",
+    "ptq": "#quantization-ptq-and-qat",
+    "qat": "#quantization-ptq-and-qat",
+    "quant": "#quantization-ptq-and-qat",
+}
 USAGE = """usage: lightrainer COMMAND [options]
 
 Train a PyTorch model from one flat YAML file, on PyTorch Lightning.
@@ -224,7 +238,7 @@ def _lightning_cli_class() -> type:
                 save_config_callback=None,
                 seed_everything_default=False,
                 auto_configure_optimizers=False,
-                parser_kwargs={"description": "Train from a flat lightrainer YAML."},
+                parser_kwargs={"prog": "lightrainer", "description": "Train from a flat lightrainer YAML."},
                 args=args,
             )
 
@@ -235,9 +249,10 @@ def _lightning_cli_class() -> type:
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             docs = field_docs()
+            docs.update({k: (spec.default, f"{spec.doc} (task key)") for k, spec in _extra_specs().items()})
             for key in flat_keys():
-                default, doc = docs.get(key, (None, "task key"))
-                parser.add_argument(f"--{key}", type=Any, default=default, help=f"{doc} (default: {default})")
+                default, doc = docs[key]
+                parser.add_argument(f"--{key}", type=Any, default=default, help=doc)
 
         def instantiate_classes(self) -> None:
             from lightrainer.build import build_from_config, instantiate
@@ -323,6 +338,22 @@ def run_tool(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------- entry point
+def readme_section(err: BaseException) -> str:
+    """The README section that explains ``err``."""
+    tb, origin = err.__traceback__, ""
+    while tb is not None:
+        origin = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    for package, section in _SECTIONS_BY_PACKAGE.items():
+        if f"lightrainer/{package}/" in origin.replace("\\", "/") or f"callbacks/{package}" in origin:
+            return README + section
+    text = str(err).lower()
+    for word, section in _SECTIONS_BY_WORD.items():
+        if word in text:
+            return README + section
+    return README + "#every-key"
+
+
 def _is_user_error(err: Exception) -> bool:
     """Errors that describe a user mistake or a missing optional dependency (exit 2, no traceback)."""
     from lightrainer.export.errors import ExportError, MissingDependencyError
@@ -356,7 +387,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as err:  # noqa: BLE001 - user errors become exit 2, anything else re-raises
         if not _is_user_error(err):
             raise
-        print(f"lightrainer: error: {err}\n(see {README_URL})", file=sys.stderr)
+        print(f"lightrainer: error: {err}\n(see {readme_section(err)})", file=sys.stderr)
         return 2
     return 0
 

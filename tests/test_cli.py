@@ -147,3 +147,16 @@ def test_every_classification_config_trains_a_few_batches(tmp_path, repo_path: s
     assert main(["fit", "--config", config, "--save_dir", str(tmp_path), "--device", "cpu", "--num_workers", "0", *FEW]) == 0
     (run,) = list(tmp_path.iterdir())
     assert len(results(run)) == 1
+
+
+def test_errors_point_at_readme_sections_that_exist(repo_path: str) -> None:
+    import re
+
+    from lightrainer.cli import _SECTIONS_BY_PACKAGE, _SECTIONS_BY_WORD, readme_section
+
+    headings = re.findall(r"^## (.+)$", Path(repo_path, "README.md").read_text(), re.M)
+    slugs = {"#" + re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+    for anchor in {*_SECTIONS_BY_PACKAGE.values(), *_SECTIONS_BY_WORD.values(), "#every-key"}:
+        assert anchor in slugs, anchor
+    assert readme_section(ValueError("--ckpt_path: checkpoint not found")).endswith("#crash-safety-and-resume")
+    assert readme_section(ValueError("unknown key 'lr00'")).endswith("#every-key")
