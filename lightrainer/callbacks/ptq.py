@@ -45,6 +45,10 @@ class PTQCallback(Callback):
         self.result = post_training_quantize(
             pl_module, train_loader, val_loader, self.cfg, run_dir, state_dict=state, sensitivity=self.sensitivity
         )
+        from lightrainer.callbacks.classification_plots import log_images
+
+        chart = run_dir / "quant_sensitivity.png"
+        log_images(trainer, [chart] if chart.is_file() else [])
 
 
 def fit_loaders(trainer: L.Trainer) -> tuple[Any, Any]:
