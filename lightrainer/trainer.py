@@ -21,6 +21,19 @@ from lightrainer.config import Config, ConfigError, dump_config
 
 log = logging.getLogger(__name__)
 
+
+class _DropLightningTips(logging.Filter):
+    """Lightning 2.6 advertises a cloud logger on every Trainer; a user of ours did not ask."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningTips())
+# Lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates, once per fit: not ours
+# to fix, and nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
 #: Set in the environment of the launching process so that worker processes (Lightning's DDP
 #: launcher re-runs the script) use the run folder chosen once, by the launcher.
 RUN_DIR_ENV = "LIGHTRAINER_RUN_DIR"
