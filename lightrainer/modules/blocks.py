@@ -102,7 +102,28 @@ class Conv(nn.Module):
         return self.act(self.conv(x))
 
 
-class Conv2dWithConstraint(nn.Conv2d):
+class _MaxNormConstraint:
+    """Projects ``self.weight`` onto the max-norm ball before each forward (not while exporting).
+
+    Mixed in before a torch layer, so quantized layers inserted after it in the MRO keep the rule.
+    """
+
+    weight: Tensor
+
+    def __init__(self, *args, max_norm: float = 1.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_norm = max_norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _exporting():
+            max_norm_(self.weight, self.max_norm)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, max_norm={self.max_norm}"
+
+
+class Conv2dWithConstraint(_MaxNormConstraint, nn.Conv2d):
     """``nn.Conv2d`` whose filters (per output channel) have L2 norm at most ``max_norm``.
 
     Args:
@@ -111,20 +132,8 @@ class Conv2dWithConstraint(nn.Conv2d):
         **kwargs: ``nn.Conv2d`` keyword arguments.
     """
 
-    def __init__(self, *args, max_norm: float = 1.0, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.max_norm = max_norm
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not _exporting():
-            max_norm_(self.weight, self.max_norm)
-        return super().forward(x)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, max_norm={self.max_norm}"
-
-
-class LinearWithConstraint(nn.Linear):
+class LinearWithConstraint(_MaxNormConstraint, nn.Linear):
     """``nn.Linear`` whose rows (per output unit) have L2 norm at most ``max_norm``.
 
     Args:
@@ -132,18 +141,6 @@ class LinearWithConstraint(nn.Linear):
         max_norm: the largest row norm.
         **kwargs: ``nn.Linear`` keyword arguments.
     """
-
-    def __init__(self, *args, max_norm: float = 1.0, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.max_norm = max_norm
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not _exporting():
-            max_norm_(self.weight, self.max_norm)
-        return super().forward(x)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, max_norm={self.max_norm}"
 
 
 class ConvWithConstraint(nn.Module):
