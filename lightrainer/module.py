@@ -61,7 +61,7 @@ class LightrainerModule(L.LightningModule):
         self._last_opt_step = -1
         self._accumulate = cfg.accumulate
         self._train_sums: dict[str, Tensor] = {}
-        self._train_count = 0
+        self._train_counts: dict[str, int] = {}
         self._train_means: dict[str, float] | None = None
         self._stage_means = nn.ModuleDict()
         self._pending_grads: dict[str, Tensor] = {}
@@ -80,7 +80,10 @@ class LightrainerModule(L.LightningModule):
 
         Returns:
             (loss, items): the loss to backpropagate, and named scalar tensors (logged as epoch
-            means weighted by batch size) or torchmetrics Metrics the step has updated.
+            means weighted by batch size) or torchmetrics Metrics the step has updated. A costly
+            training metric may be returned on some batches only: its epoch mean is over the
+            batches that returned it. Under DDP every rank must return the same names in an epoch
+            (decide by the batch's position, as the VQ-VAE's ``train_ssim_every`` does, not by its data).
         """
         raise NotImplementedError(f"{type(self).__name__} must implement step(batch, stage)")
 
@@ -119,7 +122,7 @@ class LightrainerModule(L.LightningModule):
         factor = self.lr_factor(self.current_epoch)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
-        self._train_sums, self._train_count, self._train_means = {}, 0, None
+        self._train_sums, self._train_counts, self._train_means = {}, {}, None
 
     def _raw_optimizer(self) -> torch.optim.Optimizer:
         optimizer = self.optimizers()
@@ -162,7 +165,7 @@ class LightrainerModule(L.LightningModule):
             self.on_optimizer_step_done()
 
         self._accumulate_train_items(loss, items, self._batch_size(batch))
-        self.log("loss", self._train_sums["loss"] / self._train_count, prog_bar=True, logger=False)
+        self.log("loss", self._train_sums["loss"] / self._train_counts["loss"], prog_bar=True, logger=False)
         return loss
 
     def on_optimizer_step_done(self) -> None:
@@ -220,7 +223,7 @@ class LightrainerModule(L.LightningModule):
         for name, value in values.items():
             value = value.detach().float() * n
             self._train_sums[name] = self._train_sums[name] + value if name in self._train_sums else value
-        self._train_count += n
+            self._train_counts[name] = self._train_counts.get(name, 0) + n
 
     def train_epoch_means(self) -> dict[str, float]:
         """Means over this epoch's training batches (all ranks), computed once per epoch."""
@@ -228,9 +231,10 @@ class LightrainerModule(L.LightningModule):
             if not self._train_sums:
                 return {}
             names = sorted(self._train_sums)
-            totals = torch.stack([self._train_sums[k] for k in names] + [self._train_sums["loss"].new_tensor(self._train_count)])
+            sums = torch.stack([self._train_sums[k] for k in names])
+            totals = torch.cat([sums, sums.new_tensor([float(self._train_counts[k]) for k in names])])
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum") if self.trainer.world_size > 1 else totals
-            values = (totals[:-1] / totals[-1]).tolist()
+            values = (totals[:len(names)] / totals[len(names):]).tolist()
             self._train_means = dict(zip(names, values))
         return self._train_means
 

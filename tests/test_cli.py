@@ -37,6 +37,28 @@ def test_cli_fit_writes_the_run_folder(tmp_path, mnist: str) -> None:
         assert_real_picture(run / picture)
 
 
+def test_cli_validate_scores_the_checkpoint_without_touching_the_run(tmp_path, mnist: str) -> None:
+    """README: `lightrainer validate --config ... --ckpt_path .../best.ckpt` gives the fit's val metrics,
+    in its own <name>_validate/ folder, with no warning about the checkpoint's callbacks or folder."""
+    import warnings
+
+    assert main(["fit", "--config", mnist, "--save_dir", str(tmp_path), *FEW]) == 0
+    run = tmp_path / "mnist"
+    fitted = results(run)[-1]
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["validate", "--config", mnist, "--save_dir", str(tmp_path),
+                     "--ckpt_path", str(run / "weights" / "best.ckpt"), "--trainer.limit_val_batches", "2"]) == 0
+    noisy = [str(w.message) for w in caught if "dirpath" in str(w.message) or "callbacks used" in str(w.message)]
+    assert not noisy
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+    with open(tmp_path / "mnist_validate" / "logs" / "metrics.csv", newline="") as f:
+        scored = list(csv.DictReader(f))[-1]
+    for key in ("val/acc", "val/loss"):
+        assert float(scored[key]) == pytest.approx(float(fitted[key]), abs=1e-5)
+
+
 def assert_real_picture(path: Path, min_side: int = 300) -> None:
     """A PNG of a sensible size that is not blank."""
     import numpy as np

@@ -33,6 +33,12 @@ def _quantizer(codebook: list[list[float]], **kwargs) -> VectorQuantizer:
 CODEBOOK = [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]
 
 
+def tiny_vqvae(**overrides) -> VQVAE:
+    """The suite's small VQ-VAE: 8 channels, one residual block, x2, 16 codes of dimension 4."""
+    return VQVAE(**{"channels": 8, "num_res_blocks": 1, "downsample": 2, "codebook_size": 16, "code_dim": 4,
+                    **overrides})
+
+
 # ----------------------------------------------------------------------------- the quantiser
 def test_straight_through_gradient_reaches_the_encoder() -> None:
     torch.manual_seed(0)
@@ -41,7 +47,7 @@ def test_straight_through_gradient_reaches_the_encoder() -> None:
     vq.eval()(z).quantized.sum().backward()
     assert torch.equal(z.grad, torch.ones_like(z))  # the identity: d quantized / d z = 1
 
-    net = VQVAE(channels=8, num_res_blocks=1, downsample=2, codebook_size=16, code_dim=4)
+    net = tiny_vqvae()
     x = torch.rand(2, 3, 8, 8)
     recon, vq_loss, _ = net(x)
     F.mse_loss(recon, x).backward()  # the reconstruction loss alone reaches the encoder only through the STE
@@ -108,7 +114,7 @@ def test_first_training_batch_initialises_the_codebook_from_encoder_outputs() ->
 
 def test_encode_decode_codes_round_trip_equals_forward() -> None:
     torch.manual_seed(0)
-    net = VQVAE(channels=8, num_res_blocks=1, downsample=4, codebook_size=8, code_dim=4).eval()
+    net = tiny_vqvae(downsample=4, codebook_size=8).eval()
     x = torch.rand(2, 3, 16, 16)
     codes = net.encode_codes(x)
     assert codes.shape == (2, 4, 4)
@@ -156,7 +162,7 @@ def test_loss_is_the_weighted_sum_of_independently_computed_terms() -> None:
 
     torch.manual_seed(0)
     cfg = load_config({"vq_weight": 0.3, "recon_weight": 2.0, "lpips_weight": 0.7, "lpips_backbone": "random"})
-    net = VQVAE(channels=8, num_res_blocks=1, downsample=2, codebook_size=16, code_dim=4).eval()
+    net = tiny_vqvae().eval()
     module = VQVAEModule(net, cfg).eval()
     x = torch.rand(4, 3, 32, 32)
     loss, terms = module.step((x,), "val")
@@ -181,7 +187,7 @@ def test_logged_psnr_and_ssim_equal_torchmetrics(tmp_path: Path) -> None:
     torch.manual_seed(0)
     cfg = load_config({"save_dir": str(tmp_path), "batch": 16, "lpips_weight": 0.0, "plots": False})
     datamodule = PhotoPatchesDataModule(cfg, train_photos=("coffee",), val_photos=("flower",))
-    net = VQVAE(channels=8, num_res_blocks=1, downsample=2, codebook_size=16, code_dim=4)
+    net = tiny_vqvae()
     module = VQVAEModule(net, cfg)
     trainer = build_trainer(cfg, limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(module, datamodule)
@@ -196,6 +202,53 @@ def test_logged_psnr_and_ssim_equal_torchmetrics(tmp_path: Path) -> None:
     assert trainer.callback_metrics["val/usage"].item() == pytest.approx(distinct / 16)
 
 
+def test_training_ssim_every_nth_batch_and_its_epoch_mean(tmp_path: Path) -> None:
+    """train/ssim is the batch-size-weighted mean over batches 0, N, 2N, ... of the epoch; train/psnr
+    and the loss are over every batch. Recomputed from each batch with the weights it met."""
+    import copy
+
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    seen: list[tuple[torch.Tensor, dict]] = []
+
+    class Recording(VQVAEModule):  # keeps each training batch as the step got it, and the weights it met
+        def step(self, batch, stage):  # noqa: ANN001
+            if stage == "train":
+                seen.append((batch[0].clone(), copy.deepcopy(self.net.state_dict())))
+            return super().step(batch, stage)
+
+    cfg = load_config({"save_dir": str(tmp_path), "batch": 8, "lpips_weight": 0.0, "plots": False, "epochs": 1,
+                       "patches_per_epoch": 64, "train_ssim_every": 3})
+    datamodule = PhotoPatchesDataModule(cfg, train_photos=("coffee",), val_photos=("flower",))
+    net = tiny_vqvae(restart_unused=False)
+    trainer = build_trainer(cfg, limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Recording(net, cfg), datamodule)
+    assert [len(x) for x, _ in seen] == [8] * 8
+
+    replay = tiny_vqvae(restart_unused=False)
+    ssim_sum = psnr_sum = 0.0
+    ssim_n = psnr_n = 0
+    with torch.no_grad():
+        for i, (x, state) in enumerate(seen):
+            replay.load_state_dict(state)
+            recon = replay.train()(x)[0].clamp(0, 1)
+            psnr_sum += peak_signal_noise_ratio(recon, x, data_range=1.0).item() * len(x)
+            psnr_n += len(x)
+            if i % 3 == 0:
+                ssim = structural_similarity_index_measure(recon, x, data_range=1.0, kernel_size=11, sigma=1.5)
+                ssim_sum += ssim.item() * len(x)
+                ssim_n += len(x)
+    assert ssim_n == 3 * 8  # batches 0, 3, 6
+    logged = trainer.callback_metrics
+    assert logged["train/ssim"].item() == pytest.approx(ssim_sum / ssim_n, abs=1e-3)
+    assert logged["train/psnr"].item() == pytest.approx(psnr_sum / psnr_n, abs=1e-3)
+
+
+def test_train_ssim_every_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="train_ssim_every"):
+        load_config({"save_dir": str(tmp_path), "train_ssim_every": 0})
+
+
 def test_exports_to_onnx_whole_and_split() -> None:
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
@@ -204,7 +257,7 @@ def test_exports_to_onnx_whole_and_split() -> None:
     from lightrainer.modules.vqvae_net import VQVAEDecoder, VQVAEEncoder
 
     torch.manual_seed(0)
-    net = VQVAE(channels=8, num_res_blocks=1, downsample=2, codebook_size=16, code_dim=4).eval()
+    net = tiny_vqvae().eval()
     x = torch.rand(2, 3, 16, 16)
     codes = net.encode_codes(x)
     for model, inputs, expected in (

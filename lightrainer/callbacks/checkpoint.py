@@ -114,11 +114,21 @@ class RunCheckpoint(ModelCheckpoint):
         if not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer):
             self._save_epoch(trainer)
 
+    _fitting = True
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._fitting = stage == "fit"
         self.monitor, mode = fitness_of(pl_module)
         self.mode = mode
         self.kth_value = torch.tensor(-torch.inf if mode == "max" else torch.inf)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # validate/test/predict with a ckpt_path: no checkpoint is written, so the fit's best/last
+        # bookkeeping is not needed (and Lightning would warn that the folder changed, as a new
+        # <name>_validate/ run folder always does). Setup runs before the restore.
+        if self._fitting:
+            super().load_state_dict(state_dict)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         # Every rank takes part (the module averages pending gradients); rank 0 writes.

@@ -5,7 +5,8 @@ loss = ``vq_weight * vq + recon_weight * mse + lpips_weight * lpips``. Logged fo
 ``usage`` (fraction of the codebook used: over the whole epoch for val/test, by each batch for
 train, averaged), ``psnr`` and ``ssim`` (kornia, on the
 reconstruction clamped to [0, 1]; PSNR of the batch's mean squared error, as the seed computed
-it). Fitness is ``val/psnr`` (max); the ``fitness`` key selects any other logged metric, e.g.
+it; the training SSIM on every ``train_ssim_every``-th batch, since it costs 3% of a step).
+Fitness is ``val/psnr`` (max); the ``fitness`` key selects any other logged metric, e.g.
 ``fitness: ssim`` or ``fitness: lpips`` (lower is better for names containing loss/lpips).
 """
 
@@ -87,6 +88,11 @@ register_task_keys(
         "codebook_decay": ExtraKey(float, 0.99, _decay, "EMA decay of the codebook (codebook_ema: True)"),
         "restart_unused": ExtraKey(bool, True, None, "re-initialise codes unused for restart_every steps"),
         "restart_every": ExtraKey(int, 50, at_least(1), "training steps between dead-code restarts"),
+        # the metrics
+        "train_ssim_every": ExtraKey(
+            int, 4, at_least(1),
+            "training SSIM on every Nth batch (train/ssim: their mean; 1 = every batch; val: always every batch)",
+        ),
         # the photo patches
         "patch_size": ExtraKey(int, 32, at_least(1), "training/validation crop size (divisible by downsample)"),
         "patches_per_epoch": ExtraKey(int, 4096, at_least(1), "random training crops per epoch"),
@@ -228,6 +234,9 @@ class VQVAEModule(LightrainerModule):
         self.vq_weight = float(cfg.extra("vq_weight"))
         self.recon_weight = float(cfg.extra("recon_weight"))
         self.lpips_weight = float(cfg.extra("lpips_weight"))
+        # SSIM costs 3% of a training step on the CPU (kornia's ten depthwise convolutions).
+        self.train_ssim_every = int(cfg.extra("train_ssim_every"))
+        self._train_batches = 0
         for key in ("vq_weight", "recon_weight", "lpips_weight"):
             _non_negative(key, getattr(self, key))
         self._lpips: Optional[nn.Module] = None  # plain attribute: not a submodule, not in state_dict
@@ -254,6 +263,10 @@ class VQVAEModule(LightrainerModule):
         from lightrainer.callbacks.recon import ReconstructionGrid
 
         return [ReconstructionGrid(self.cfg)]
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._train_batches = 0  # the SSIM batches: 0, N, 2N, ... of every epoch, the same on every rank
 
     # ------------------------------------------------------------------ set-up checks
     def setup(self, stage: str) -> None:
@@ -317,7 +330,10 @@ class VQVAEModule(LightrainerModule):
             clamped = recon.detach().clamp(0, 1)
             terms["perplexity"] = perplexity.detach()
             terms["psnr"] = kornia.metrics.psnr(clamped, x, max_val=1.0)
-            terms["ssim"] = kornia.metrics.ssim(clamped, x, window_size=11).mean()
+            if stage != "train" or self._train_batches % self.train_ssim_every == 0:
+                terms["ssim"] = kornia.metrics.ssim(clamped, x, window_size=11).mean()
+            if stage == "train":
+                self._train_batches += 1
             codes = getattr(self.net, "last_codes", None)
             if codes is not None and stage in self.usage_metrics:
                 self.usage_metrics[stage].update(codes)
