@@ -356,7 +356,9 @@ def hand_written_fit(
     clock.finish()
 
 
-def paired_steps_callback(loop: HandLoop, batches: Callable[[int], Iterator[tuple]], warmup_epochs: int = 1) -> Any:
+def paired_steps_callback(loop: HandLoop, batches: Callable[[int], Iterator[tuple]], warmup_epochs: int = 1,
+                          val_batches: Callable[[], Iterator[tuple]] | None = None,
+                          val_fn: Callable[[Any, tuple], Any] | None = None) -> Any:
     """A Lightning callback that runs one hand-written step after each of the fit's steps.
 
     Steps alternate L H L H ... in one process, so load from other jobs falls on both alike.
@@ -364,6 +366,13 @@ def paired_steps_callback(loop: HandLoop, batches: Callable[[int], Iterator[tupl
     run in between (all of Lightning's per-step work: data, hooks, logging, progress bar);
     ``hand[i]`` is the hand step (data included). The last step of each epoch (which carries the
     validation and epoch-end work) and epochs before ``warmup_epochs`` are not kept.
+
+    With ``val_batches``/``val_fn`` the hand loop also validates once per epoch (at the fit's
+    ``on_train_epoch_end``, after the fit's validation), and whole epochs are paired too:
+    ``hand_epochs[e]`` is the hand loop's time in epoch ``e`` (its steps and validation),
+    ``lightrainer_epochs[e]`` the fit's epoch (one ``on_train_epoch_start`` to the next) minus that:
+    validation, checkpoints, results.csv, plots and bar included. The last epoch is not kept (its
+    end is the fit's end, with the one-off work of ``on_train_end``): pair 3 epochs or more.
     """
     import lightning as L
 
@@ -371,14 +380,27 @@ def paired_steps_callback(loop: HandLoop, batches: Callable[[int], Iterator[tupl
         def __init__(self) -> None:
             self.lightrainer: list[float] = []
             self.hand: list[float] = []
+            self.lightrainer_epochs: list[float] = []
+            self.hand_epochs: list[float] = []
             self._prev: float | None = None
             self._hand_last = 0.0
+            self._epoch_start: float | None = None
+            self._hand_in_epoch = 0.0
+
+        def _close_epoch(self) -> None:
+            if self._epoch_start is not None and self._epoch >= warmup_epochs and val_batches is not None:
+                wall = time.perf_counter() - self._epoch_start
+                self.lightrainer_epochs.append(wall - self._hand_in_epoch)
+                self.hand_epochs.append(self._hand_in_epoch)
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            self._close_epoch()
+            self._epoch_start = time.perf_counter()
             self._epoch = trainer.current_epoch
             self._it = iter(batches(self._epoch))
             loop.start_epoch(self._epoch)
             self._prev = None
+            self._hand_in_epoch = time.perf_counter() - self._epoch_start
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
             now = time.perf_counter()
@@ -391,6 +413,14 @@ def paired_steps_callback(loop: HandLoop, batches: Callable[[int], Iterator[tupl
             start = time.perf_counter()
             loop.step(next(self._it), batch_idx + loop.nb * self._epoch)
             self._hand_last = time.perf_counter() - start
+            self._hand_in_epoch += self._hand_last
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+            if val_batches is not None:
+                start = time.perf_counter()
+                loop.validate(val_batches, val_fn)
+                self._hand_in_epoch += time.perf_counter() - start
+                loop.net.train()
 
     return _Paired()
 

