@@ -44,7 +44,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
@@ -78,6 +78,66 @@ def user_trainer(cfg: Any, variant: str, callbacks: list) -> Any:
     if variant == "lightrainer-bar10":
         trainer.progress_bar_callback._refresh_rate = 10
     return trainer
+
+
+# ---------------------------------------------------------------------------------- the hand loops' work
+class HandWork(NamedTuple):
+    """What :func:`hand_written_fit` (or :class:`HandLoop`) needs for one task."""
+
+    batches: Callable[[int], Iterator[tuple]]  # epoch -> training batches
+    nb: int  # training batches per epoch
+    loss_fn: Callable[[Any, tuple], Any]
+    val_batches: Callable[[], Iterator[tuple]]
+    val_fn: Callable[[Any, tuple], Any]
+
+
+def mnist_hand_work(cfg: Any, train: tuple, val: tuple, shift: Any) -> HandWork:
+    """The MNIST fit's work for a hand loop, in torch only (the ``hand-torch`` child uses it too):
+    lightrainer's epoch order (randperm seeded ``seed + epoch``) and per-epoch shift draws."""
+    import torch
+    import torch.nn.functional as F
+
+    (x, y), (vx, vy) = train, val
+    B, N = cfg.batch, len(x)
+    nb = -(-N // B)
+
+    def batches(epoch: int):
+        order = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        g = torch.Generator().manual_seed(epoch)
+        for i in range(nb):
+            idx = order[i * B:(i + 1) * B]
+            yield shift(x[idx], g), y[idx]
+
+    def loss_fn(model, batch):
+        return F.cross_entropy(model(batch[0]), batch[1], label_smoothing=cfg.label_smoothing)
+
+    def val_fn(model, batch):
+        logits = model(batch[0])
+        return F.cross_entropy(logits, batch[1]), (logits.argmax(1) == batch[1]).sum()
+
+    val_batches = lambda: ((vx[i:i + B], vy[i:i + B]) for i in range(0, len(vx), B))  # noqa: E731
+    return HandWork(batches, nb, loss_fn, val_batches, val_fn)
+
+
+def vqvae_hand_work(cfg: Any, dm: Any) -> HandWork:
+    """The VQ-VAE fit's work for a hand loop: the set-up datamodule's training loader, its
+    validation tensor in batches, the loss ``vq_weight * vq + recon_weight * mse``."""
+    import torch
+    import torch.nn.functional as F
+
+    loader, vx, B = dm.train_dataloader(), dm.val_data[0], cfg.batch
+    vq_w, recon_w = cfg.extra("vq_weight"), cfg.extra("recon_weight")
+
+    def loss_fn(model, batch):
+        recon, vq, _ = model(batch[0])
+        return vq_w * vq + recon_w * F.mse_loss(recon, batch[0])
+
+    def val_fn(model, batch):
+        recon, vq, _ = model(batch[0])
+        return vq, -10 * torch.log10(F.mse_loss(recon.clamp(0, 1), batch[0]))
+
+    val_batches = lambda: ((vx[i:i + B],) for i in range(0, len(vx), B))  # noqa: E731
+    return HandWork(lambda epoch: iter(loader), len(loader), loss_fn, val_batches, val_fn)
 
 
 # ---------------------------------------------------------------------------------- MNIST
@@ -117,7 +177,6 @@ def mnist_torch_only_child() -> dict[str, Any]:
 
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     from _common import REPO, peak_rss_mb
 
@@ -145,26 +204,8 @@ def mnist_torch_only_child() -> dict[str, Any]:
     val_idx = torch.from_numpy(np.load(Path(cfg.split_dir) / "val_idx.npy"))
     x, y, vx, vy = images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
     shift = RandomShift(cfg.shift, fill=(0.0 - 0.1307) / 0.3081)
-    B, N = cfg.batch, len(x)
-    nb = -(-N // B)
-
-    def batches(epoch: int):
-        order = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        g = torch.Generator().manual_seed(epoch)
-        for i in range(nb):
-            idx = order[i * B:(i + 1) * B]
-            yield shift(x[idx], g), y[idx]
-
-    def loss_fn(model, batch):
-        return F.cross_entropy(model(batch[0]), batch[1], label_smoothing=cfg.label_smoothing)
-
-    def val_fn(model, batch):
-        logits = model(batch[0])
-        return F.cross_entropy(logits, batch[1]), (logits.argmax(1) == batch[1]).sum()
-
     clock = EpochClock()
-    val = lambda: ((vx[i:i + B], vy[i:i + B]) for i in range(0, len(vx), B))  # noqa: E731
-    hand_written_fit(cfg, net, batches, nb, loss_fn, val, val_fn, clock)
+    hand_written_fit(cfg, net, *mnist_hand_work(cfg, (x, y), (vx, vy), shift), clock)
     result = {**clock.result(), "peak_rss_mb": peak_rss_mb()}
 
     # Same work as the other variants? Checked after the peak RSS is read (this imports Lightning).
@@ -185,10 +226,6 @@ def mnist_torch_only_child() -> dict[str, Any]:
 
 
 def mnist_child(variant: str, epochs: int) -> dict[str, Any]:
-    import torch
-    import torch.nn.functional as F
-
-    import lightrainer as lt
     from lightrainer.datamodules import MNIST5kDataModule
     from lightrainer.datamodules.memory import RandomShift
     from lightrainer.modules import ClassificationModule, SmallCNN
@@ -207,25 +244,9 @@ def mnist_child(variant: str, epochs: int) -> dict[str, Any]:
     dm.setup()
     (x, y), (vx, vy) = dm.train_data, dm.val_data
     shift = RandomShift(cfg.shift, fill=dm.fill_value)
-    B, N = cfg.batch, len(x)
-    nb = -(-N // B)
+    nb = -(-len(x) // cfg.batch)
     if variant == "hand":
-        def batches(epoch: int):
-            order = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            g = torch.Generator().manual_seed(epoch)
-            for i in range(nb):
-                idx = order[i * B:(i + 1) * B]
-                yield shift(x[idx], g), y[idx]
-
-        def loss_fn(model, batch):
-            return F.cross_entropy(model(batch[0]), batch[1], label_smoothing=cfg.label_smoothing)
-
-        def val_fn(model, batch):
-            logits = model(batch[0])
-            return F.cross_entropy(logits, batch[1]), (logits.argmax(1) == batch[1]).sum()
-
-        val = lambda: ((vx[i:i + B], vy[i:i + B]) for i in range(0, len(vx), B))  # noqa: E731
-        hand_written_fit(cfg, net, batches, nb, loss_fn, val, val_fn, clock)
+        hand_written_fit(cfg, net, *mnist_hand_work(cfg, (x, y), (vx, vy), shift), clock)
         return clock.result()
     if variant == "lightning":
         lightning_fit(cfg, net, (x, y), (vx, vy), shift, nb, tmp, clock)
@@ -287,11 +308,6 @@ def lightning_fit(cfg: Any, net: Any, train: tuple, val: tuple, shift: Any, nb: 
 
 # ---------------------------------------------------------------------------------- VQ-VAE
 def vqvae_child(variant: str, epochs: int) -> dict[str, Any]:
-    import torch
-    import torch.nn.functional as F
-
-    import lightrainer as lt
-
     try:
         from lightrainer.datamodules.photos import PhotoPatchesDataModule
         from lightrainer.modules.vqvae import VQVAEModule, build_vqvae
@@ -310,35 +326,13 @@ def vqvae_child(variant: str, epochs: int) -> dict[str, Any]:
         return clock.result()
 
     dm.setup()
-    loader = dm.train_dataloader()
-    vx = dm.val_data[0]
-    B = cfg.batch
-    vq_w, recon_w = cfg.extra("vq_weight"), cfg.extra("recon_weight")
-
-    def loss_fn(model, batch):
-        x = batch[0]
-        recon, vq, _ = model(x)
-        return vq_w * vq + recon_w * F.mse_loss(recon, x)
-
-    def val_fn(model, batch):
-        x = batch[0]
-        recon, vq, _ = model(x)
-        mse = F.mse_loss(recon.clamp(0, 1), x)
-        return vq, -10 * torch.log10(mse)
-
-    val = lambda: ((vx[i:i + B],) for i in range(0, len(vx), B))  # noqa: E731
-    hand_written_fit(cfg, net, lambda epoch: iter(loader), len(loader), loss_fn, val, val_fn, clock)
+    hand_written_fit(cfg, net, *vqvae_hand_work(cfg, dm), clock)
     return clock.result()
 
 
 # ---------------------------------------------------------------------------------- paired steps
 def paired_child(task: str, variant: str, epochs: int) -> dict[str, Any]:
     """One lightrainer fit with a hand-written step run after each of its steps (L H L H ...)."""
-    import torch
-    import torch.nn.functional as F
-
-    import lightrainer as lt
-
     tmp = tempfile.mkdtemp()
     lean = variant != "lightrainer"
     extra = {"plots": False} if lean else {}
@@ -352,27 +346,7 @@ def paired_child(task: str, variant: str, epochs: int) -> dict[str, Any]:
         dm.setup()
         module = ClassificationModule(SmallCNN(10, 1), cfg)
         hand_net = SmallCNN(10, 1)
-        (x, y) = dm.train_data
-        shift = RandomShift(cfg.shift, fill=dm.fill_value)
-        B, N = cfg.batch, len(x)
-        nb = -(-N // B)
-
-        def batches(epoch: int):
-            order = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            g = torch.Generator().manual_seed(epoch)
-            for i in range(nb):
-                idx = order[i * B:(i + 1) * B]
-                yield shift(x[idx], g), y[idx]
-
-        def loss_fn(model, batch):
-            return F.cross_entropy(model(batch[0]), batch[1], label_smoothing=cfg.label_smoothing)
-
-        def val_fn(model, batch):
-            logits = model(batch[0])
-            return F.cross_entropy(logits, batch[1]), (logits.argmax(1) == batch[1]).sum()
-
-        vx, vy = dm.val_data
-        val = lambda: ((vx[i:i + B], vy[i:i + B]) for i in range(0, len(vx), B))  # noqa: E731
+        work = mnist_hand_work(cfg, dm.train_data, dm.val_data, RandomShift(cfg.shift, fill=dm.fill_value))
     else:
         try:
             from lightrainer.datamodules.photos import PhotoPatchesDataModule
@@ -384,25 +358,10 @@ def paired_child(task: str, variant: str, epochs: int) -> dict[str, Any]:
         dm.setup()
         module = VQVAEModule(build_vqvae(cfg), cfg)
         hand_net = build_vqvae(cfg)
-        hand_loader = dm.train_dataloader()
-        nb = len(hand_loader)
-        vq_w, recon_w = cfg.extra("vq_weight"), cfg.extra("recon_weight")
+        work = vqvae_hand_work(cfg, dm)
 
-        def batches(epoch: int):
-            return iter(hand_loader)
-
-        def loss_fn(model, batch):
-            recon, vq, _ = model(batch[0])
-            return vq_w * vq + recon_w * F.mse_loss(recon, batch[0])
-
-        def val_fn(model, batch):
-            recon, vq, _ = model(batch[0])
-            return vq, -10 * torch.log10(F.mse_loss(recon.clamp(0, 1), batch[0]))
-
-        vx, B = dm.val_data[0], cfg.batch
-        val = lambda: ((vx[i:i + B],) for i in range(0, len(vx), B))  # noqa: E731
-
-    paired = paired_steps_callback(HandLoop(cfg, hand_net, nb, loss_fn), batches, val_batches=val, val_fn=val_fn)
+    paired = paired_steps_callback(HandLoop(cfg, hand_net, work.nb, work.loss_fn), work.batches,
+                                   val_batches=work.val_batches, val_fn=work.val_fn)
     trainer = user_trainer(cfg, variant, [paired])
     trainer.fit(module, datamodule=dm)
     return {"lightrainer": paired.lightrainer, "hand": paired.hand,
