@@ -420,7 +420,6 @@ def paired_steps_callback(loop: HandLoop, batches: Callable[[int], Iterator[tupl
                 start = time.perf_counter()
                 loop.validate(val_batches, val_fn)
                 self._hand_in_epoch += time.perf_counter() - start
-                loop.net.train()
 
     return _Paired()
 
