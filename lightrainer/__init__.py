@@ -1,9 +1,20 @@
-"""lightrainer: train a PyTorch model from one flat YAML file, on PyTorch Lightning."""
+"""lightrainer: train a PyTorch model from one flat YAML file, on PyTorch Lightning.
 
-from lightrainer.config import Config, ConfigError, load_config
+Importing the package registers every built-in entry of the registries (optimizers, schedules,
+calibration methods, quantization backends, export formats, tasks), so that a config validated
+anywhere sees them; a user's own entries register the same way, from their own modules.
+"""
+
+from lightrainer.config import Config, ConfigError, TaskKey, load_config
 from lightrainer.module import LightrainerModule
 from lightrainer.trainer import build_trainer
 
+# The built-in entries of the registries (imported for their registrations).
+import lightrainer.datamodules  # noqa: E402,F401
+import lightrainer.export  # noqa: E402,F401
+import lightrainer.modules  # noqa: E402,F401
+import lightrainer.quant  # noqa: E402,F401
+
 __version__ = "0.1.0"
 
-__all__ = ["Config", "ConfigError", "LightrainerModule", "build_trainer", "load_config", "__version__"]
+__all__ = ["Config", "ConfigError", "LightrainerModule", "TaskKey", "build_trainer", "load_config", "__version__"]

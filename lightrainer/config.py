@@ -8,7 +8,7 @@ for it loads unchanged, with the same defaults.
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import importlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -17,22 +17,33 @@ from typing import Any, Callable, Mapping, Union
 
 import yaml
 
-OPTIMIZERS = ("SGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSProp")
-SCHEDULERS = ("Cosine", "Linear", "Exponential", "Polynomial")
-CALIB_METHODS = ("entropy", "max", "percentile", "mse")
-QUANT_BACKENDS = ("auto", "pytorch_quantization", "modelopt")
-LPIPS_BACKBONES = ("pretrained", "random")
+from lightrainer.errors import ConfigError, closest_hint
+from lightrainer.registry import CALIBRATION_METHODS, EXPORT_FORMATS, OPTIMIZERS, QUANT_BACKENDS, SCHEDULES, TASKS
+from lightrainer.task import (
+    ExtraKey,
+    TaskKey,
+    key_owners,
+    register_task_keys,
+    resolve_fitness,
+    task_keys_of,
+    task_name_of,
+    tasks_declaring,
+)
+
+__all__ = [
+    "CLI_SECTIONS", "Config", "ConfigError", "ExtraKey", "TaskKey", "at_least", "choice", "dump_config",
+    "field_docs", "import_class", "load_config", "register_task_keys", "seed_all",
+]
 
 # Sections that name classes for LightningCLI (`model:` / `data:` / `trainer:`); load_config keeps
 # them aside untouched so the same file serves the notebook path and the CLI.
 CLI_SECTIONS = ("model", "data", "trainer", "ckpt_path", "seed_everything")
-
-
-class ConfigError(ValueError):
-    """A user mistake in the configuration: names the key, the allowed values and the fix."""
+#: The task a YAML trains when it names none and uses no task's own keys (the main job).
+DEFAULT_TASK = "classification"
 
 
 def choice(choices: tuple[str, ...]) -> Callable[[str, Any], Any]:
+    """A check that accepts one of ``choices`` (any case) and returns its canonical spelling."""
     lower = {c.lower(): c for c in choices}
 
     def check(key: str, value: Any) -> Any:
@@ -40,7 +51,7 @@ def choice(choices: tuple[str, ...]) -> Callable[[str, Any], Any]:
         if canonical is None:
             raise ConfigError(
                 f"{key}: {value!r} is not one of {', '.join(choices)}"
-                + _closest_hint(str(value), choices)
+                + closest_hint(str(value), choices)
             )
         return canonical
 
@@ -48,6 +59,7 @@ def choice(choices: tuple[str, ...]) -> Callable[[str, Any], Any]:
 
 
 def at_least(low: float) -> Callable[[str, Any], Any]:
+    """A check that refuses values below ``low``."""
     def check(key: str, value: Any) -> Any:
         if value < low:
             raise ConfigError(f"{key}: must be >= {low}, got {value!r}")
@@ -109,11 +121,11 @@ class Config:
     amp: bool = _key(False, doc="automatic mixed precision where the device supports it")
     ptq: bool = _key(False, doc="post-training quantization after fit")
     num_batches: Union[int, None] = _key(None, at_least(1), "PTQ calibration batches (None = all)")
-    method: str = _key("entropy", choice(CALIB_METHODS), "PTQ amax method")
+    method: str = _key("entropy", CALIBRATION_METHODS.validator(), "PTQ amax method (a registered calibration method)")
     qat: bool = _key(False, doc="quantization-aware training")
     trt_quant: bool = _key(False, doc="build an int8 TensorRT engine after fit")
-    optimizer: str = _key("Adam", choice(OPTIMIZERS), "optimizer")
-    scheduler: str = _key("Cosine", choice(SCHEDULERS), "lr schedule")
+    optimizer: str = _key("Adam", OPTIMIZERS.validator(), "optimizer (a registered optimizer)")
+    scheduler: str = _key("Cosine", SCHEDULES.validator(), "lr schedule (a registered schedule)")
     lr0: float = _key(0.01, _positive, "initial learning rate")
     lrf: float = _key(0.01, at_least(0), "final lr = lr0 * lrf")
     gamma: float = _key(0.9, _positive, "Exponential schedule factor")
@@ -125,6 +137,8 @@ class Config:
     warmup_bias_lr: float = _key(0.1, at_least(0), "bias lr at the start of warmup")
 
     # --- keys beyond the seed (defaults keep seed behaviour) ---------------------------------
+    task: str = _key(DEFAULT_TASK, TASKS.validator(),
+                     "task trained when the YAML has no model: section (a registered task name)")
     name: str = _key("train", doc="run folder name under save_dir")
     seed: int = _key(0, at_least(0), "random seed (data split, shuffling, init)")
     deterministic: bool = _key(False, doc="torch deterministic algorithms")
@@ -139,19 +153,21 @@ class Config:
     wandb_offline: bool = _key(False, doc="wandb offline mode (no network)")
     plots: bool = _key(True, doc="write results.png and task plots")
     shift: int = _key(0, at_least(0), "random +-shift pixels for training images (in-memory image data)")
-    label_smoothing: float = _key(0.0, _unit_interval_open, "cross-entropy label smoothing")
     percentile: float = _key(99.99, _percentile, "PTQ percentile method's percentile")
-    quant_backend: str = _key("auto", choice(QUANT_BACKENDS), "quantization library")
-    export: Union[str, None] = _key(None, doc="export after fit: onnx | engine | None")
-    fitness: Union[str, None] = _key(None, doc="metric that selects the best epoch (None = task's)")
+    quant_backend: str = _key("auto", QUANT_BACKENDS.validator(extra=("auto",)), "quantization library (auto or a registered backend)")
+    export: Union[str, None] = _key(None, EXPORT_FORMATS.validator(), "export after fit: a registered format (onnx, engine) or None")
+    fitness: Union[str, None] = _key(None, doc="metric that selects the best epoch (None = the task's; a metric the task declares)")
     compile: bool = _key(False, doc="torch.compile the network (first steps slower while it compiles)")
     channels_last: bool = _key(False, doc="channels-last memory format for the network and 4-D inputs")
     ema: bool = _key(False, doc="keep an EMA of the weights; validate, save (weights/*.pt) and export it")
     ema_decay: float = _key(0.9999, _fraction, "EMA decay d: ema = d' * ema + (1 - d') * w, d' = d * (1 - exp(-n / ema_tau))")
     ema_tau: float = _key(2000.0, _positive, "EMA warm-up time constant, in optimizer steps")
 
-    # Task-specific keys (e.g. the VQ-VAE's loss weights), validated against the task registry.
+    # The task's own keys (e.g. the VQ-VAE's loss weights), validated against its declaration.
     extras: dict = field(default_factory=dict, metadata={"check": None, "doc": ""})
+    # The task class the config was validated for, and the keys it declares.
+    task_class: Union[type, None] = field(default=None, metadata={"check": None, "doc": ""})
+    task_specs: dict = field(default_factory=dict, metadata={"check": None, "doc": ""})
     # Sections for LightningCLI (model:/data:/trainer:), kept verbatim.
     sections: dict = field(default_factory=dict, metadata={"check": None, "doc": ""})
     # Set by build_trainer; never read from YAML.
@@ -182,10 +198,38 @@ class Config:
 
     def extra(self, key: str) -> Any:
         """A task key's value, with the default its task declared."""
-        spec = _extra_specs().get(key)
+        spec = self.task_specs.get(key)
         if spec is None:
-            raise ConfigError(f"{key}: no task declares this key" + _closest_hint(key, _extra_specs()))
+            owner = self.task_class.__name__ if self.task_class is not None else f"task {self.task!r}"
+            raise ConfigError(f"{key}: {owner} declares no such key" + closest_hint(key, self.task_specs))
         return self.extras.get(key, spec.default)
+
+    def __getattr__(self, name: str) -> Any:
+        # Task keys read like built-in ones: cfg.recon_weight.
+        specs = self.__dict__.get("task_specs")
+        if not name.startswith("_") and specs and name in specs:
+            return self.extra(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def bind_task(self, cls: type) -> None:
+        """Make this config the config of task ``cls`` (a module built from a config validated for
+        another task, as in a notebook). Its task keys must be keys ``cls`` declares.
+
+        Raises:
+            ConfigError: a task key ``cls`` does not declare, or a ``fitness`` it does not log.
+        """
+        if self.task_class is cls:
+            return
+        specs = task_keys_of(cls)
+        foreign = sorted(k for k in self.extras if k not in specs)
+        if foreign:
+            raise ConfigError(
+                f"{cls.__name__} does not declare the key(s) {', '.join(foreign)} that this config sets "
+                f"(they belong to {self.task_class.__name__ if self.task_class else self.task}): "
+                f"load the config for {cls.__name__} (load_config(..., task={cls.__name__}))"
+            )
+        resolve_fitness(cls, self.fitness)
+        self.task_class, self.task_specs, self.task = cls, specs, task_name_of(cls)
 
     def derived(self) -> dict[str, Any]:
         """The derived values, as written to args.yaml."""
@@ -197,9 +241,9 @@ class Config:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat dict of every key (seed, new and task keys), as a YAML file would hold it."""
+        """Flat dict of every built-in key and the task's own keys, as a YAML file would hold it."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _INTERNAL}
-        out.update({k: self.extra(k) for k in sorted(_extra_specs())})
+        out.update({k: self.extra(k) for k in sorted(self.task_specs)})
         return out
 
     def replace(self, **overrides: Any) -> Config:
@@ -207,65 +251,54 @@ class Config:
         data = self.to_dict()
         data.update(self.sections)
         data.update(overrides)
-        new = _validate(data)
+        new = _validate(data, self.task_class)
         new.run_dir, new.world_size = self.run_dir, self.world_size
         return new
 
 
-_INTERNAL = {"extras", "sections", "run_dir", "world_size"}
+_INTERNAL = {"extras", "sections", "run_dir", "world_size", "task_class", "task_specs"}
 _FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name not in _INTERNAL}
 
-
-@dataclass(frozen=True)
-class ExtraKey:
-    """A key a task adds to the config: its type, default and optional validator."""
-
-    type: type
-    default: Any
-    check: Callable[[str, Any], Any] | None = None
-    doc: str = ""
+# The original name of the closest-key helper (kept for the command line's messages).
+_closest_hint = closest_hint
 
 
-_TASK_KEYS: dict[str, dict[str, ExtraKey]] = {}
+def import_class(path: str, section: str) -> type:
+    """The class ``pkg.mod.Name`` names (a task's class name alone finds a registered task).
 
-
-def register_task_keys(task: str, keys: Mapping[str, ExtraKey]) -> None:
-    """Declare the extra YAML keys a task reads (call at import time of the task module).
-
-    Args:
-        task: the task's name (for messages).
-        keys: key name -> :class:`ExtraKey`.
+    Importing a module runs its top-level code, as LightningCLI does for a ``class_path``: a
+    config is code. Nothing is called here; the caller checks the class's kind before using it.
 
     Raises:
-        ValueError: a key clashes with a built-in key or another task's key of another type.
+        ConfigError: the module or the name cannot be imported, or it is not a class.
     """
-    for name, spec in keys.items():
-        if name in _FIELDS:
-            raise ValueError(f"task {task!r} cannot redeclare the built-in key {name!r}")
-        for other, other_keys in _TASK_KEYS.items():
-            if other != task and name in other_keys and other_keys[name].type is not spec.type:
-                raise ValueError(f"task {task!r} declares {name!r} which task {other!r} declares differently")
-    _TASK_KEYS[task] = dict(keys)
+    path = str(path)
+    if "." not in path:
+        found = [TASKS.get(n) for n in TASKS if TASKS.get(n).__name__ == path]
+        if found:
+            return found[0]
+        raise ConfigError(
+            f"{section}.class_path: {path!r} is not a full import path: give package.module.Class "
+            "(a module beside the YAML, on PYTHONPATH, or installed)"
+        )
+    module_name, _, name = path.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), name)
+    except ImportError as err:
+        raise ConfigError(
+            f"{section}.class_path: cannot import {path!r} ({err}); a module of your own must be importable: "
+            "run from its folder or add that folder to PYTHONPATH"
+        ) from None
+    except AttributeError:
+        raise ConfigError(f"{section}.class_path: module {module_name!r} has no {name!r}") from None
+    if not isinstance(obj, type):
+        raise ConfigError(f"{section}.class_path: {path!r} is a {type(obj).__name__}, not a class")
+    return obj
 
 
-def _extra_specs() -> dict[str, ExtraKey]:
-    _import_tasks()
-    merged: dict[str, ExtraKey] = {}
-    for keys in _TASK_KEYS.values():
-        merged.update(keys)
-    return merged
-
-
-def _import_tasks() -> None:
-    # Tasks register their keys when imported; importing the package registers the built-in ones.
-    import lightrainer.modules  # noqa: F401
-
-
-def _closest_hint(key: str, known: Any) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    if not close:
-        close = difflib.get_close_matches(key.lower(), [k.lower() for k in known], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def class_path_of(cls: type) -> str:
+    """``pkg.mod.Name`` of a class."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _is_none(value: Any) -> bool:
@@ -313,7 +346,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def _validate_extra(key: str, value: Any, spec: ExtraKey) -> Any:
+def _validate_extra(key: str, value: Any, spec: TaskKey) -> Any:
     if _is_none(value):
         return spec.default
     value = _coerce(key, value, spec.type.__name__)
@@ -337,11 +370,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_config(source: Union[str, os.PathLike, Mapping[str, Any], None] = None, **overrides: Any) -> Config:
+def load_config(
+    source: Union[str, os.PathLike, Mapping[str, Any], None] = None, *, task: type | None = None, **overrides: Any
+) -> Config:
     """Read and validate a flat lightrainer config.
+
+    The task it is validated for, whose keys it accepts: ``task``; else the ``model:`` section's
+    class (imported here); else the ``task`` key; else the one registered task that declares the
+    task keys the YAML uses (the original's VQ-VAE file); else the classification task.
 
     Args:
         source: a YAML file path, a mapping of keys, or None for all defaults.
+        task: the task class (a LightrainerModule subclass) whose keys the config may hold.
         **overrides: keys that replace those of ``source``.
 
     Returns:
@@ -359,15 +399,45 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any], None] = None,
     else:
         raw = _read_yaml(Path(source))
     raw.update(overrides)
-    cfg = _validate(raw)
+    cfg = _validate(raw, task)
     seed_all(cfg.seed)
     return cfg
 
 
-def _validate(raw: Mapping[str, Any]) -> Config:
-    """Flat keys -> Config (no side effects)."""
+def _task_class(raw: Mapping[str, Any], task: type | None) -> type | None:
+    """The task class a flat config is validated for (see :func:`load_config`)."""
+    if task is not None:
+        return task
+    model = raw.get("model")
+    if isinstance(model, Mapping) and model.get("class_path"):
+        return import_class(str(model["class_path"]), "model")
+    if model is not None and not isinstance(model, Mapping):
+        raise ConfigError(f"model: expected a section with class_path and init_args, got {model!r}")
+    if not _is_none(raw.get("task")):
+        return TASKS.get(str(raw["task"]).strip(), "task")
+    own = {str(k) for k in raw if str(k) not in _FIELDS and str(k) not in CLI_SECTIONS}
+    declaring = tasks_declaring(own) if own else []
+    if len(declaring) == 1:
+        return declaring[0]
+    return TASKS.get(DEFAULT_TASK) if DEFAULT_TASK in TASKS else None
 
-    extra_specs = _extra_specs()
+
+def _unknown_key(key: str, cls: type | None, known: list[str]) -> ConfigError:
+    owners = [o for o in key_owners(key) if cls is None or o != task_name_of(cls)]
+    if owners:
+        here = cls.__name__ if cls is not None else "this run's task"
+        return ConfigError(
+            f"unknown key {key!r}: it is a key of task {', '.join(owners)}, not of {here}; "
+            "name that task (task: NAME or model: class_path: ...) or drop the key"
+        )
+    return ConfigError(f"unknown key {key!r}" + closest_hint(key, known))
+
+
+def _validate(raw: Mapping[str, Any], task: type | None = None) -> Config:
+    """Flat keys -> Config (no side effects beyond importing the task's class)."""
+
+    cls = _task_class(raw, task)
+    extra_specs = task_keys_of(cls)
     known = list(_FIELDS) + list(extra_specs) + list(CLI_SECTIONS)
     values: dict[str, Any] = {}
     extras: dict[str, Any] = {}
@@ -386,14 +456,15 @@ def _validate(raw: Mapping[str, Any]) -> Config:
         elif key in extra_specs:
             extras[key] = _validate_extra(key, value, extra_specs[key])
         else:
-            raise ConfigError(f"unknown key {key!r}" + _closest_hint(key, known))
+            raise _unknown_key(key, cls, known)
     if "device" in values:
         values["device"] = _normalise_device(values["device"])
     if values.get("ptq") and values.get("qat"):
         raise ConfigError("ptq and qat are both True: choose one (qat trains quantized; ptq calibrates after fit)")
-    if values.get("export") is not None and values["export"] not in ("onnx", "engine"):
-        raise ConfigError(f"export: {values['export']!r} is not one of onnx, engine, None")
-    return Config(**values, extras=extras, sections=sections)
+    if cls is not None:
+        resolve_fitness(cls, values.get("fitness"))
+        values["task"] = task_name_of(cls)
+    return Config(**values, extras=extras, sections=sections, task_class=cls, task_specs=dict(extra_specs))
 
 
 def seed_all(seed: int) -> None:

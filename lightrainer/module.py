@@ -19,32 +19,64 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-from lightrainer.config import Config
+from lightrainer.config import Config, ConfigError
 from lightrainer.ema import ModelEMA
 from lightrainer.optim import build_optimizer, schedule
+from lightrainer.registry import TASKS
+from lightrainer.task import ExportSpec, TaskKey, resolve_fitness, task_name_of
 
 log = logging.getLogger(__name__)
 
 StepOutput = tuple[Tensor, Mapping[str, "Tensor | torchmetrics.Metric"]]
 
-# Substrings of metric names where lower is better, for a fitness named in the config.
-_LOWER_IS_BETTER = ("loss", "lpips", "error", "mse", "mae")
-
 
 class LightrainerModule(L.LightningModule):
     """Base LightningModule: optimizer groups, schedule, warmup, accumulation, fitness.
 
+    A task subclasses it, writes :meth:`step`, and declares itself on its class (see
+    :mod:`lightrainer.task`): ``task_keys``, ``metric_modes``, ``fitness_key``/``fitness_mode``,
+    ``default_net``, ``default_datamodule`` and ``export_spec``. Defining the subclass registers
+    it as a task under ``task_name``, so a YAML can name it (``task: NAME``) and every command
+    treats it as it treats the built-in tasks.
+
     Args:
         net: the network; only its parameters are optimised and saved to ``weights/*.pt``.
         cfg: the validated config.
-
-    Subclasses implement :meth:`step` and set :attr:`fitness_key` / :attr:`fitness_mode`.
     """
 
+    #: Name in the task registry and value of the ``task`` key (default: from the class name).
+    task_name: str | None = None
+    #: YAML keys the task adds: name -> TaskKey(type, default, check, doc).
+    task_keys: Mapping[str, TaskKey] = {}
+    #: Direction ("min"/"max") of each metric the task logs, named without the stage prefix.
+    metric_modes: Mapping[str, str] = {"loss": "min"}
     #: Metric that selects the best epoch and drives early stopping (``cfg.fitness`` overrides).
     fitness_key: str = "val/loss"
     #: "max" when a larger fitness is better, else "min".
     fitness_mode: str = "min"
+    #: The datamodule class a YAML without a ``data:`` section trains on (None: one is required).
+    default_datamodule: type | None = None
+    #: How the network exports (graphs, input and output names, how each output verifies).
+    export_spec: ExportSpec = ExportSpec()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A task registers when its class is defined: by its module's import, by the CLI's import
+        # of a class_path, or in a notebook cell. The latest definition of a name wins (a
+        # notebook re-runs its cells).
+        TASKS.register(task_name_of(cls), cls, override=True)
+
+    @classmethod
+    def default_net(cls, cfg: Config, datamodule: Any) -> nn.Module:
+        """The network trained when the YAML names none (``model: init_args: net:``).
+
+        Raises:
+            ConfigError: the task has none (override to give one).
+        """
+        raise ConfigError(
+            f"{cls.__name__} has no default network: name one in the YAML "
+            "(model: init_args: net: class_path: ...) or override default_net"
+        )
 
     def __init__(self, net: nn.Module, cfg: Config) -> None:
         super().__init__()
@@ -52,6 +84,7 @@ class LightrainerModule(L.LightningModule):
             raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
         if not isinstance(cfg, Config):
             raise TypeError("cfg must be a lightrainer Config: build it with lightrainer.load_config(...)")
+        cfg.bind_task(type(self))
         self.net = net
         self.cfg = cfg
         self.automatic_optimization = False
@@ -102,12 +135,9 @@ class LightrainerModule(L.LightningModule):
     # ------------------------------------------------------------------ fitness
     @property
     def fitness_monitor(self) -> tuple[str, str]:
-        """(metric name, "min" | "max") that selects the best epoch."""
-        if self.cfg.fitness:
-            key = self.cfg.fitness if "/" in self.cfg.fitness else f"val/{self.cfg.fitness}"
-            mode = "min" if any(s in key for s in _LOWER_IS_BETTER) else "max"
-            return key, mode
-        return self.fitness_key, self.fitness_mode
+        """(metric name, "min" | "max") that selects the best epoch: the ``fitness`` key, with the
+        direction the task declares for that metric (``metric_modes``), or the task's default."""
+        return resolve_fitness(type(self), self.cfg.fitness)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -9,12 +9,16 @@ RMSProp uses momentum.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from lightrainer.config import Config
+from lightrainer.registry import OPTIMIZERS, SCHEDULES
+
+if TYPE_CHECKING:
+    from lightrainer.config import Config
 
 #: Order of the parameter groups; warmup treats the first (biases) differently.
 GROUP_NAMES = ("bias", "no_decay", "embedding", "decay")
@@ -26,9 +30,30 @@ _NORM_TYPES = tuple(
 )
 
 
-#: Optimizers with a fused (single-kernel) implementation on the CPU and CUDA.
-FUSED = ("Adam", "AdamW", "SGD")
 _FUSED_DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """A registered optimizer: how to build it and which update kernels it takes.
+
+    Args:
+        build: ``build(param_groups, lr, momentum, **kernel) -> Optimizer``; each group carries
+            its ``lr``, ``weight_decay``, ``name`` and ``initial_lr``. ``momentum`` is the
+            ``momentum`` key (beta1 for the Adam family).
+        fused: accepts ``fused=True`` (one kernel for all parameters, CPU and CUDA).
+        foreach: accepts ``foreach=True`` (multi-tensor kernels).
+    """
+
+    build: Callable[..., torch.optim.Optimizer]
+    fused: bool = False
+    foreach: bool = False
+
+
+def register_optimizer(name: str, build: Callable[..., torch.optim.Optimizer], *, fused: bool = False,
+                       foreach: bool = False) -> OptimizerInfo:
+    """Register an optimizer a YAML can name (``optimizer: NAME``); see :class:`OptimizerInfo`."""
+    return OPTIMIZERS.register(name, OptimizerInfo(build, fused, foreach))
 
 
 def _adam_family(cls: type[torch.optim.Optimizer]) -> Callable[..., torch.optim.Optimizer]:
@@ -46,16 +71,14 @@ def _rmsprop(groups: list[dict], lr: float, momentum: float, **kernel: Any) -> t
     return torch.optim.RMSprop(groups, lr=lr, momentum=momentum, weight_decay=0.0, **kernel)
 
 
-#: name -> builder(param_groups, lr, momentum, **kernel); names as the seed spells them.
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "SGD": _sgd,
-    "Adam": _adam_family(torch.optim.Adam),
-    "Adamax": _adam_family(torch.optim.Adamax),
-    "AdamW": _adam_family(torch.optim.AdamW),
-    "NAdam": _adam_family(torch.optim.NAdam),
-    "RAdam": _adam_family(torch.optim.RAdam),
-    "RMSProp": _rmsprop,
-}
+# The seed's optimizers, as it spells them.
+register_optimizer("SGD", _sgd, fused=True, foreach=True)
+register_optimizer("Adam", _adam_family(torch.optim.Adam), fused=True, foreach=True)
+register_optimizer("Adamax", _adam_family(torch.optim.Adamax), foreach=True)
+register_optimizer("AdamW", _adam_family(torch.optim.AdamW), fused=True, foreach=True)
+register_optimizer("NAdam", _adam_family(torch.optim.NAdam), foreach=True)
+register_optimizer("RAdam", _adam_family(torch.optim.RAdam), foreach=True)
+register_optimizer("RMSProp", _rmsprop, foreach=True)
 
 
 def _cosine(cfg: Config) -> Callable[[float], float]:
@@ -74,13 +97,11 @@ def _polynomial(cfg: Config) -> Callable[[float], float]:
     return lambda x: max(1 - x / cfg.epochs, 0) ** cfg.power * (1.0 - cfg.lrf) + cfg.lrf
 
 
-#: name -> factory(cfg) -> lf(epoch); epoch x (0-based) trains at lr0 * lf(x).
-SCHEDULES: dict[str, Callable[[Config], Callable[[float], float]]] = {
-    "Cosine": _cosine,
-    "Linear": _linear,
-    "Exponential": _exponential,
-    "Polynomial": _polynomial,
-}
+# name -> factory(cfg) -> lf(epoch); epoch x (0-based) trains at lr0 * lf(x).
+SCHEDULES.register("Cosine", _cosine)
+SCHEDULES.register("Linear", _linear)
+SCHEDULES.register("Exponential", _exponential)
+SCHEDULES.register("Polynomial", _polynomial)
 
 
 def split_parameters(net: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -135,27 +156,36 @@ def build_optimizer(net: nn.Module, cfg: Config, lr0: float | None = None) -> to
         {"params": params[name], "name": name, "weight_decay": weight_decay[name], "initial_lr": lr}
         for name in GROUP_NAMES
     ]
-    return OPTIMIZERS[cfg.optimizer](groups, lr, cfg.momentum, **kernel_options(cfg.optimizer, net))
+    info = optimizer_info(cfg.optimizer)
+    return info.build(groups, lr, cfg.momentum, **kernel_options(cfg.optimizer, net))
+
+
+def optimizer_info(name: str) -> OptimizerInfo:
+    """The registered optimizer ``name`` (a bare builder registered without flags takes no kernel options)."""
+    entry = OPTIMIZERS.get(name, "optimizer")
+    return entry if isinstance(entry, OptimizerInfo) else OptimizerInfo(entry)
 
 
 def kernel_options(optimizer: str, net: nn.Module) -> dict[str, bool]:
     """The fastest update kernel the parameters' device supports (same rule, equal to rounding).
 
     ``fused=True`` (one kernel for all parameters; about 3x faster steps than the per-parameter
-    loop on one CPU thread) for Adam, AdamW and SGD with every parameter on the CPU or CUDA;
-    ``foreach=True`` (multi-tensor) for the others. On other devices: torch's default.
+    loop on one CPU thread) for optimizers registered as fused (Adam, AdamW, SGD) with every
+    parameter on the CPU or CUDA; ``foreach=True`` (multi-tensor) for those registered with it.
+    On other devices, and for optimizers registered with neither: torch's default.
     """
+    info = optimizer_info(optimizer)
     devices = {p.device.type for p in net.parameters()}
     if not devices or not devices <= set(_FUSED_DEVICES):
         return {}
-    if optimizer in FUSED and all(p.is_floating_point() for p in net.parameters()):
+    if info.fused and all(p.is_floating_point() for p in net.parameters()):
         return {"fused": True}
-    return {"foreach": True}
+    return {"foreach": True} if info.foreach else {}
 
 
 def schedule(cfg: Config) -> Callable[[float], float]:
     """The lr factor lf(epoch) of the configured schedule."""
-    return SCHEDULES[cfg.scheduler](cfg)
+    return SCHEDULES.get(cfg.scheduler, "scheduler")(cfg)
 
 
 def list_optimizers() -> Iterable[str]:

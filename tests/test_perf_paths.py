@@ -18,7 +18,7 @@ from torch.utils.data.distributed import DistributedSampler
 import lightrainer as lt
 from lightrainer.datamodules import ArrayDataModule, InMemoryBatchLoader
 from lightrainer.modules import ClassificationModule
-from lightrainer.optim import FUSED, OPTIMIZERS, build_optimizer, kernel_options
+from lightrainer.optim import OPTIMIZERS, build_optimizer, kernel_options, optimizer_info
 
 # --- lazy imports ------------------------------------------------------------------------------
 OPTIONAL = ("wandb", "onnx", "onnxruntime", "onnxscript", "pytorch_quantization", "modelopt", "tensorboard",
@@ -46,7 +46,8 @@ def test_fast_kernels_match_the_per_parameter_loop(name: str) -> None:
     cfg = lt.load_config({"optimizer": name, "lr0": 0.01, "momentum": 0.9, "weight_decay": 0.01})
     fast_net, plain_net = small_net(), small_net()
     fast = build_optimizer(fast_net, cfg)
-    expected = {"fused": True} if name in FUSED else {"foreach": True}
+    info = optimizer_info(name)
+    expected = {"fused": True} if info.fused else {"foreach": True} if info.foreach else {}
     assert kernel_options(name, fast_net) == expected
     assert all(fast.defaults[k] is v for k, v in expected.items())
     # The reference: the same groups, torch's single-tensor (for-loop) implementation.

@@ -12,6 +12,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from lightrainer.registry import EXPORT_FORMATS
 from lightrainer.export.errors import ExportError
 from lightrainer.export.graph import PathLike, count_qdq_nodes
 from lightrainer.export.latency import LatencyRow, benchmark_latency
@@ -21,8 +22,35 @@ from lightrainer.export.view import cpu_eval
 
 log = logging.getLogger(__name__)
 
-#: Export formats: what ``--format`` / the ``export`` key accept.
-FORMATS = ("onnx", "engine")
+@dataclass(frozen=True)
+class ExportFormat:
+    """A registered export format (``export: NAME`` / ``--format NAME``).
+
+    Args:
+        check: raises MissingDependencyError when what the format needs is missing; called
+            before any work.
+        build: ``build(onnx_path, stem, batch, fp16, int8) -> Path`` makes the format's file from
+            the verified ONNX model (None: the ONNX model is the result).
+    """
+
+    check: Callable[[], None] | None = None
+    build: Callable[..., Path] | None = None
+
+
+def register_format(name: str, fmt: ExportFormat, *, override: bool = False) -> ExportFormat:
+    """Register an export format a YAML (``export: NAME``) and ``--format`` can name."""
+    return EXPORT_FORMATS.register(name, fmt, override=override)
+
+
+def _build_engine(onnx_path: Path, stem: Path, batch: int, fp16: bool, int8: bool) -> Path:
+    return build_engine(onnx_path, stem.with_suffix(".engine"), batch=batch, fp16=fp16, int8=int8)
+
+
+register_format("onnx", ExportFormat())
+register_format("engine", ExportFormat(check=check_tensorrt, build=_build_engine))
+
+#: Export formats: what ``--format`` / the ``export`` key accept (the registry's names).
+FORMATS = EXPORT_FORMATS
 
 #: ``quantize(module, datamodule) -> fake-quant network``: PTQ for an int8 engine of a float model.
 QuantizeFn = Callable[[Any, Any], nn.Module]
@@ -37,10 +65,12 @@ class ExportResult:
 
 
 def check_format(fmt: str) -> str:
-    """``fmt`` lower-cased, or an ExportError naming the choices."""
-    if str(fmt).lower() not in FORMATS:
-        raise ExportError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}: use --format onnx or --format engine")
-    return str(fmt).lower()
+    """The registered spelling of ``fmt``, or an ExportError naming the choices."""
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(
+            f"format: {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}: use --format onnx or another registered format"
+        )
+    return EXPORT_FORMATS.canonical(fmt)
 
 
 def load_weights(path: PathLike) -> dict[str, Any]:
@@ -205,8 +235,9 @@ def export_from_weights(
         MissingDependencyError: an engine without TensorRT or a GPU (checked before any work).
     """
     fmt = check_format(fmt)
-    if fmt == "engine":
-        check_tensorrt()  # before any work: no half-made outputs when TensorRT is missing
+    entry = EXPORT_FORMATS.get(fmt)
+    if entry.check is not None:
+        entry.check()  # before any work: no half-made outputs when e.g. TensorRT is missing
     weights = Path(weights)
     ckpt = load_weights(weights)
     cfg = cfg if cfg is not None else getattr(module, "cfg", None)
@@ -228,11 +259,10 @@ def export_from_weights(
         qdq_source = _qdq_model(module, datamodule, cfg, result.onnx[0], stem, inputs, meta, quantize)
         if qdq_source not in result.onnx:
             result.onnx.append(qdq_source)
-    if fmt != "engine":
+    if entry.build is None:
         return result
     batch = int(cfg.batch) if cfg is not None else int(inputs[0].shape[0])
-    result.engine = build_engine(qdq_source or result.onnx[0], stem.with_suffix(".engine"), batch=batch, fp16=fp16,
-                                 int8=int8)
+    result.engine = entry.build(qdq_source or result.onnx[0], stem, batch=batch, fp16=fp16, int8=int8)
     return result
 
 

@@ -8,8 +8,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightrainer.config import Config
+from lightrainer.config import Config, ConfigError, TaskKey
+from lightrainer.datamodules.mnist import MNIST5kDataModule
 from lightrainer.module import LightrainerModule, StepOutput
+from lightrainer.modules.nets import SmallCNN
+from lightrainer.task import ExportOutput, ExportPart, ExportSpec
+
+
+def _label_smoothing(key: str, value: float) -> float:
+    if not 0 <= value < 1:
+        raise ConfigError(f"{key}: must be in [0, 1), got {value!r}")
+    return value
 
 
 def _infer_num_classes(net: nn.Module) -> int:
@@ -27,7 +36,7 @@ class ClassificationModule(LightrainerModule):
     """Cross-entropy classification of any ``nn.Module`` that returns logits.
 
     Logs loss, top-1 accuracy (``val/acc``) and, with at least 5 classes, top-5 accuracy
-    (``val/acc_top5``). Fitness is ``val/acc``.
+    (``val/acc_top5``). Fitness is ``val/acc``. Its key: ``label_smoothing``.
 
     Args:
         net: the network; ``net(x)`` returns logits of shape (N, num_classes).
@@ -35,8 +44,13 @@ class ClassificationModule(LightrainerModule):
         num_classes: class count; read from ``net.num_classes`` or its last Linear when omitted.
     """
 
+    task_name = "classification"
+    task_keys = {"label_smoothing": TaskKey(float, 0.0, _label_smoothing, "cross-entropy label smoothing")}
+    metric_modes = {"loss": "min", "acc": "max", "acc_top5": "max"}
     fitness_key = "val/acc"
     fitness_mode = "max"
+    default_datamodule = MNIST5kDataModule
+    export_spec = ExportSpec(parts=(ExportPart(input_name="images", outputs=(ExportOutput("logits", "argmax"),)),))
 
     def __init__(self, net: nn.Module, cfg: Config, num_classes: int | None = None) -> None:
         super().__init__(net, cfg)
@@ -47,11 +61,9 @@ class ClassificationModule(LightrainerModule):
             {stage: self._stage_metrics() for stage in ("val", "test")}
         )
 
-    @staticmethod
-    def default_net(cfg: Config, datamodule: Any) -> nn.Module:
+    @classmethod
+    def default_net(cls, cfg: Config, datamodule: Any) -> nn.Module:
         """The network the CLI trains when the YAML names none: SmallCNN sized to the data."""
-        from lightrainer.modules.nets import SmallCNN
-
         num_classes = getattr(datamodule, "num_classes", None) or 10
         in_channels = (getattr(datamodule, "input_shape", None) or (1,))[0]
         return SmallCNN(num_classes=num_classes, in_channels=in_channels)
@@ -68,7 +80,7 @@ class ClassificationModule(LightrainerModule):
     def step(self, batch: Any, stage: str) -> StepOutput:
         x, y = batch[0], batch[1]
         logits = self.net(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.extra("label_smoothing"))
         if stage == "train":
             return loss, {}
         metrics = self.metrics[stage]

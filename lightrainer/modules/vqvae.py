@@ -22,21 +22,16 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
-from lightrainer.config import (
-    LPIPS_BACKBONES,
-    Config,
-    ConfigError,
-    ExtraKey,
-    at_least,
-    choice,
-    register_task_keys,
-)
+from lightrainer.config import Config, ConfigError, TaskKey, at_least, choice
+from lightrainer.datamodules.photos import PhotoPatchesDataModule
 from lightrainer.module import LightrainerModule, StepOutput
 from lightrainer.modules.vqvae_net import VQVAE, code_histogram, usage_of
+from lightrainer.task import ExportOutput, ExportPart, ExportSpec
 
 log = logging.getLogger(__name__)
 
 LPIPS_NETS = ("alex", "vgg", "squeeze")
+LPIPS_BACKBONES = ("pretrained", "random")
 # torchvision weight files the lpips package loads for its backbone (in $TORCH_HOME/hub/checkpoints).
 LPIPS_BACKBONE_FILES = {
     "alex": "alexnet-owt-7be5be79.pth",
@@ -65,40 +60,37 @@ def _decay(key: str, value: float) -> float:
     return value
 
 
-register_task_keys(
-    "vqvae",
-    {
+VQVAE_KEYS = {
         # the seed's loss weights (trainer_imgen_cfg.yml)
-        "vq_weight": ExtraKey(float, 0.5, _non_negative, "weight of the vector-quantisation loss"),
-        "recon_weight": ExtraKey(float, 10.0, _non_negative, "weight of the MSE reconstruction loss"),
-        "lpips_weight": ExtraKey(float, 1.0, _non_negative, "weight of the LPIPS loss (0 = LPIPS off)"),
-        "lpips_backbone": ExtraKey(
+        "vq_weight": TaskKey(float, 0.5, _non_negative, "weight of the vector-quantisation loss"),
+        "recon_weight": TaskKey(float, 10.0, _non_negative, "weight of the MSE reconstruction loss"),
+        "lpips_weight": TaskKey(float, 1.0, _non_negative, "weight of the LPIPS loss (0 = LPIPS off)"),
+        "lpips_backbone": TaskKey(
             str, "pretrained", choice(LPIPS_BACKBONES),
             "LPIPS backbone: pretrained (ImageNet weights from the torch hub cache) | random (no download)",
         ),
-        "lpips_net": ExtraKey(str, "alex", choice(LPIPS_NETS), "LPIPS backbone network: alex | vgg | squeeze"),
+        "lpips_net": TaskKey(str, "alex", choice(LPIPS_NETS), "LPIPS backbone network: alex | vgg | squeeze"),
         # the network
-        "channels": ExtraKey(int, 64, at_least(1), "VQ-VAE trunk width (not the image channels)"),
-        "res_blocks": ExtraKey(int, 2, at_least(0), "residual blocks in the encoder and in the decoder"),
-        "downsample": ExtraKey(int, 4, _power_of_two, "code grid downsampling factor (power of 2)"),
-        "codebook_size": ExtraKey(int, 512, at_least(2), "number of codes"),
-        "code_dim": ExtraKey(int, 32, at_least(1), "dimension of each code"),
-        "commitment": ExtraKey(float, 0.25, _non_negative, "commitment loss weight (beta)"),
-        "codebook_ema": ExtraKey(bool, False, None, "update the codebook by EMA instead of the gradient"),
-        "codebook_decay": ExtraKey(float, 0.99, _decay, "EMA decay of the codebook (codebook_ema: True)"),
-        "restart_unused": ExtraKey(bool, True, None, "re-initialise codes unused for restart_every steps"),
-        "restart_every": ExtraKey(int, 50, at_least(1), "training steps between dead-code restarts"),
+        "channels": TaskKey(int, 64, at_least(1), "VQ-VAE trunk width (not the image channels)"),
+        "res_blocks": TaskKey(int, 2, at_least(0), "residual blocks in the encoder and in the decoder"),
+        "downsample": TaskKey(int, 4, _power_of_two, "code grid downsampling factor (power of 2)"),
+        "codebook_size": TaskKey(int, 512, at_least(2), "number of codes"),
+        "code_dim": TaskKey(int, 32, at_least(1), "dimension of each code"),
+        "commitment": TaskKey(float, 0.25, _non_negative, "commitment loss weight (beta)"),
+        "codebook_ema": TaskKey(bool, False, None, "update the codebook by EMA instead of the gradient"),
+        "codebook_decay": TaskKey(float, 0.99, _decay, "EMA decay of the codebook (codebook_ema: True)"),
+        "restart_unused": TaskKey(bool, True, None, "re-initialise codes unused for restart_every steps"),
+        "restart_every": TaskKey(int, 50, at_least(1), "training steps between dead-code restarts"),
         # the metrics
-        "train_ssim_every": ExtraKey(
+        "train_ssim_every": TaskKey(
             int, 4, at_least(1),
             "training SSIM on every Nth batch (train/ssim: their mean; 1 = every batch; val: always every batch)",
         ),
         # the photo patches
-        "patch_size": ExtraKey(int, 32, at_least(1), "training/validation crop size (divisible by downsample)"),
-        "patches_per_epoch": ExtraKey(int, 4096, at_least(1), "random training crops per epoch"),
-        "channel_shuffle": ExtraKey(bool, False, None, "permute the colour channels of training crops at random"),
-    },
-)  # fmt: skip
+        "patch_size": TaskKey(int, 32, at_least(1), "training/validation crop size (divisible by downsample)"),
+        "patches_per_epoch": TaskKey(int, 4096, at_least(1), "random training crops per epoch"),
+        "channel_shuffle": TaskKey(bool, False, None, "permute the colour channels of training crops at random"),
+}  # fmt: skip
 
 
 def _kornia() -> Any:
@@ -226,8 +218,23 @@ class VQVAEModule(LightrainerModule):
         cfg: the validated config (loss weights, LPIPS keys, fitness).
     """
 
+    task_name = "vqvae"
+    task_keys = VQVAE_KEYS
+    metric_modes = {
+        "loss": "min", "vq": "min", "recon": "min", "lpips": "min",
+        "perplexity": "max", "usage": "max", "psnr": "max", "ssim": "max",
+    }  # fmt: skip
     fitness_key = "val/psnr"
     fitness_mode = "max"
+    default_datamodule = PhotoPatchesDataModule
+    #: The whole network (images -> reconstruction), and images -> codes -> images.
+    export_spec = ExportSpec(
+        parts=(
+            ExportPart(input_name="images", outputs=(ExportOutput("reconstruction"),), select=(0,)),
+            ExportPart(".encoder", "encode_codes", "images", (ExportOutput("codes", "equal"),)),
+            ExportPart(".decoder", "decode_codes", "codes", (ExportOutput("reconstruction"),), input_from=".encoder"),
+        )
+    )
 
     def __init__(self, net: nn.Module, cfg: Config) -> None:
         super().__init__(net, cfg)
@@ -245,8 +252,8 @@ class VQVAEModule(LightrainerModule):
             {stage: CodebookUsage(size) for stage in ("val", "test")} if isinstance(size, int) else {}
         )
 
-    @staticmethod
-    def default_net(cfg: Config, datamodule: Any = None) -> VQVAE:
+    @classmethod
+    def default_net(cls, cfg: Config, datamodule: Any = None) -> VQVAE:
         """The network the CLI trains when the YAML names none: :func:`build_vqvae` sized to the data."""
         in_channels = (getattr(datamodule, "input_shape", None) or (3,))[0]
         return build_vqvae(cfg, in_channels=in_channels)

@@ -5,6 +5,10 @@
     export_onnx(net, x, "best_int8.onnx", verify=val_batches)  # Q/DQ ONNX (lightrainer.export)
 """
 
+# The built-in backends register when their modules are imported, pytorch-quantization first
+# (the original's library; ``auto`` tries them in this order).
+import lightrainer.quant.pytorch_quantization  # noqa: F401  (registers the backend)
+import lightrainer.quant.modelopt  # noqa: F401  (registers the backend)
 from lightrainer.quant.base import (
     INSTALL_HINT,
     QuantBackend,

@@ -17,7 +17,8 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from lightrainer.config import ConfigError
+from lightrainer.errors import ConfigError
+from lightrainer.registry import QUANT_BACKENDS
 
 INSTALL_HINT = 'pip install "lightrainer[quant]"'
 NUM_BITS = 8
@@ -66,18 +67,15 @@ def dist_version(dist: str) -> str | None:
         return None
 
 
-_BACKENDS: dict[str, QuantBackend] = {}
-
-
-def register_backend(backend: QuantBackend) -> None:
-    """Add a backend to the registry (``quant_backend: <backend.name>``)."""
-    _BACKENDS[backend.name] = backend
+def register_backend(backend: QuantBackend, *, override: bool = False) -> QuantBackend:
+    """Add a backend to the registry (``quant_backend: <backend.name>``); ``auto`` tries the
+    backends in registration order, the built-in ones first."""
+    return QUANT_BACKENDS.register(backend.name, backend, override=override)
 
 
 def list_backends() -> list[str]:
     """Registered backend names, in ``auto`` preference order."""
-    _register_builtin()
-    return list(_BACKENDS)
+    return QUANT_BACKENDS.names()
 
 
 def get_backend(name: str | QuantBackend = "auto") -> QuantBackend:
@@ -95,14 +93,12 @@ def get_backend(name: str | QuantBackend = "auto") -> QuantBackend:
     if isinstance(name, QuantBackend):
         name.check_installed()
         return name
-    _register_builtin()
     if name != "auto":
-        if name not in _BACKENDS:
-            raise ConfigError(f"quant_backend: {name!r} is not one of {', '.join(('auto', *_BACKENDS))}")
-        _BACKENDS[name].check_installed()
-        return _BACKENDS[name]
+        backend = QUANT_BACKENDS.get(QUANT_BACKENDS.canonical(name, extra=("auto",)))
+        backend.check_installed()
+        return backend
     errors = []
-    for backend in _BACKENDS.values():
+    for backend in (QUANT_BACKENDS.get(n) for n in QUANT_BACKENDS):
         try:
             backend.check_installed()
         except ConfigError as err:
@@ -123,22 +119,11 @@ def backend_of(net: nn.Module) -> QuantBackend:
     Raises:
         ValueError: the network holds no quantizer.
     """
-    _register_builtin()
     for module in net.modules():
-        for backend in _BACKENDS.values():
+        for backend in (QUANT_BACKENDS.get(n) for n in QUANT_BACKENDS):
             if backend.is_quantizer(module):
                 return backend
     raise ValueError("the network is not quantized: call lightrainer.quant.quantize_model(net) first")
-
-
-def _register_builtin() -> None:
-    if _BACKENDS:
-        return
-    from lightrainer.quant.modelopt import ModelOptBackend
-    from lightrainer.quant.pytorch_quantization import PytorchQuantizationBackend
-
-    for backend in (PytorchQuantizationBackend(), ModelOptBackend()):
-        _BACKENDS.setdefault(backend.name, backend)
 
 
 def iter_quantizers(net: nn.Module) -> Iterator[tuple[str, nn.Module]]:

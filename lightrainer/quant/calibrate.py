@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightrainer.config import ConfigError
+from lightrainer.errors import ConfigError
+from lightrainer.registry import CALIBRATION_METHODS
 from lightrainer.quant.base import backend_of, is_weight_quantizer, iter_quantizers
 
 log = logging.getLogger(__name__)
@@ -33,17 +34,16 @@ class CalibMethod:
     amax: Callable[[nn.Module, float], Tensor]
 
 
-_METHODS: dict[str, CalibMethod] = {}
-
-
-def register_calib_method(name: str, method: CalibMethod) -> None:
-    """Add an amax method (``method: <name>`` then selects it)."""
-    _METHODS[name] = method
+def register_calib_method(name: str, method: CalibMethod, *, override: bool = False) -> CalibMethod:
+    """Add an amax method to the registry (``method: <name>`` in a YAML then selects it)."""
+    if not isinstance(method, CalibMethod):
+        raise TypeError(f"register_calib_method: {name!r} must be a CalibMethod(calibrator, amax)")
+    return CALIBRATION_METHODS.register(name, method, override=override)
 
 
 def list_calib_methods() -> list[str]:
     """The registered amax method names."""
-    return list(_METHODS)
+    return CALIBRATION_METHODS.names()
 
 
 def get_calib_method(name: str) -> CalibMethod:
@@ -52,9 +52,7 @@ def get_calib_method(name: str) -> CalibMethod:
     Raises:
         ConfigError: unknown method, naming the known ones.
     """
-    if name not in _METHODS:
-        raise ConfigError(f"method: {name!r} is not one of {', '.join(_METHODS)}")
-    return _METHODS[name]
+    return CALIBRATION_METHODS.get(name, "method")
 
 
 def _histogram(quantizer: nn.Module) -> tuple[np.ndarray, np.ndarray]:

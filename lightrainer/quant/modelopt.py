@@ -10,8 +10,8 @@ from typing import Any
 
 from torch import nn
 
-from lightrainer.config import ConfigError
-from lightrainer.quant.base import INSTALL_HINT, NUM_BITS, QuantBackend
+from lightrainer.errors import ConfigError
+from lightrainer.quant.base import INSTALL_HINT, NUM_BITS, QuantBackend, register_backend
 
 
 class ModelOptBackend(QuantBackend):
@@ -48,3 +48,6 @@ class ModelOptBackend(QuantBackend):
         if kind == "max":
             return calib.MaxCalibrator(NUM_BITS, axis, False)
         return calib.HistogramCalibrator(NUM_BITS, None, False, num_bins=num_bins)
+
+
+register_backend(ModelOptBackend())

@@ -7,8 +7,8 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from lightrainer.config import ConfigError
-from lightrainer.quant.base import NUM_BITS, QuantBackend, dist_version
+from lightrainer.errors import ConfigError
+from lightrainer.quant.base import NUM_BITS, QuantBackend, dist_version, register_backend
 
 REAL_VERSION = "2.1.3"
 
@@ -67,3 +67,6 @@ def _version_tuple(version: str) -> tuple[int, ...]:
         digits = "".join(ch for ch in part if ch.isdigit())
         parts.append(int(digits or 0))
     return tuple(parts)
+
+
+register_backend(PytorchQuantizationBackend())
