@@ -8,13 +8,12 @@ anywhere sees them; a user's own entries register the same way, from their own m
 from lightrainer.config import Config, ConfigError, TaskKey, load_config
 from lightrainer.module import LightrainerModule
 from lightrainer.trainer import build_trainer
+from lightrainer.version import __version__
 
 # The built-in entries of the registries (imported for their registrations).
 import lightrainer.datamodules  # noqa: E402,F401
 import lightrainer.export  # noqa: E402,F401
 import lightrainer.modules  # noqa: E402,F401
 import lightrainer.quant  # noqa: E402,F401
-
-__version__ = "0.1.0"
 
 __all__ = ["Config", "ConfigError", "LightrainerModule", "TaskKey", "build_trainer", "load_config", "__version__"]

@@ -12,22 +12,35 @@ import argparse
 import logging
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import lightning as L
+import torch
 import yaml
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightrainer import record
+from lightrainer.build import build_from_config, instantiate, rebuild
 from lightrainer.config import (
     _FIELDS,
-    CLI_SECTIONS,
     Config,
     ConfigError,
     _closest_hint,
-    _extra_specs,
     _read_yaml,
+    _task_class,
+    _unknown_key,
     field_docs,
     load_config,
 )
+from lightrainer.export import benchmark_from_weights, export_from_weights
+from lightrainer.export.errors import ExportError, MissingDependencyError
+from lightrainer.quant import run_ptq
+from lightrainer.quant.workflow import check_quant_config
+from lightrainer.task import task_keys_of
+from lightrainer.trainer import build_trainer
+from lightrainer.export import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +80,20 @@ TOOL_SUBCOMMANDS = ("export", "ptq", "benchmark")
 _METHOD_FLAGS = {"ckpt_path", "verbose", "return_predictions", "weights_only"}
 
 
-def flat_keys() -> list[str]:
-    """Every flat key: the built-in ones and those the tasks declare."""
-    return list(_FIELDS) + sorted(_extra_specs())
+def flat_keys(task: type | None = None) -> list[str]:
+    """Every flat key of a run of ``task``: the built-in ones and those the task declares."""
+    return list(_FIELDS) + sorted(task_keys_of(task))
+
+
+def add_import_path(folder: str | Path) -> None:
+    """Make a user's own modules beside a YAML (or in the working folder) importable by
+    ``class_path``, as ``python script.py`` would; appended to sys.path, so an installed module
+    of the same name wins. Recorded in the run's files, so ``--weights`` alone re-imports them."""
+    folder = str(Path(folder).resolve())
+    if folder not in sys.path:
+        sys.path.append(folder)
+    if folder not in record.IMPORT_PATHS:
+        record.IMPORT_PATHS.append(folder)
 
 
 # ---------------------------------------------------------------------------------- preflight
@@ -100,24 +124,44 @@ def _set_section_flag(merged: dict[str, Any], key: str, value: Optional[str]) ->
     node[parts[-1]] = parsed
 
 
-def read_command_config(argv: list[str]) -> tuple[Config, Optional[str], list[str], bool]:
+@dataclass
+class Command:
+    """A Lightning subcommand's validated config, and what else its command line asked for."""
+
+    cfg: Config
+    ckpt_path: Optional[str]
+    passthrough: list[str]
+    print_config: bool
+    #: The checkpoint's ``lightrainer`` entry when the run is rebuilt from it (no --config).
+    rebuild_from: Optional[dict[str, Any]] = None
+
+
+def read_command_config(argv: list[str], subcommand: str = "fit") -> Command:
     """Validate the config files and flags of a Lightning subcommand before anything runs.
+
+    The ``model:`` section's class is imported first (from the YAML's folder or the working
+    folder too), so the keys its task declares are known: validated, settable as flags, and a
+    misspelling gets the closest key. Without ``--config``, ``validate``/``test``/``predict`` take
+    the run's config from the checkpoint's record.
 
     Args:
         argv: the arguments after the subcommand.
+        subcommand: fit, validate, test or predict.
 
     Returns:
-        (config, ckpt_path or None, argv for LightningCLI, whether --print_config was asked).
+        The config, ckpt_path, the arguments for LightningCLI, --print_config, and the
+        checkpoint's record when the run is rebuilt from it.
 
     Raises:
         ConfigError: a missing/malformed file, an unknown key or flag, a bad value.
     """
-    keys = set(flat_keys())
     merged: dict[str, Any] = {}
-    overrides: dict[str, Any] = {}
+    flags: list[tuple[str, Any, list[str]]] = []
     ckpt_path: Optional[str] = None
     print_config = False
     passthrough: list[str] = []
+    configs = 0
+    add_import_path(Path.cwd())
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -126,7 +170,8 @@ def read_command_config(argv: list[str]) -> tuple[Config, Optional[str], list[st
             if path is None:
                 raise ConfigError("--config needs a file path")
             merged.update(_read_yaml(Path(path)))
-            passthrough += ["--config", path]
+            add_import_path(Path(path).parent)
+            configs += 1
             i += 1 if "=" in arg else 2
             continue
         if arg.startswith("--print_config"):
@@ -141,21 +186,39 @@ def read_command_config(argv: list[str]) -> tuple[Config, Optional[str], list[st
             raise ConfigError(f"unexpected argument {arg!r}: flags look like --epochs 3")
         key, value, nxt = _split_flag(arg, argv, i)
         root = key.split(".", 1)[0]
-        if key in keys:
-            overrides[key] = yaml.safe_load(value) if value is not None else True
-        elif key == "ckpt_path":
+        if key == "ckpt_path":
             ckpt_path = value
         elif root in ("model", "data", "trainer"):
             _set_section_flag(merged, key, value)
         elif key in _METHOD_FLAGS or key in ("help", "h"):
             passthrough += argv[i:nxt]
         else:
-            raise ConfigError(f"unknown flag --{key}" + _closest_hint(key, keys | _METHOD_FLAGS))
-        if key in keys:
-            passthrough += argv[i:nxt]
+            flags.append((key, yaml.safe_load(value) if value is not None else True, argv[i:nxt]))
         i = nxt
-    cfg = load_config(merged, **overrides)
-    return cfg, ckpt_path, passthrough, print_config
+    overrides = {key: value for key, value, _ in flags}
+    if not configs and subcommand != "fit" and ckpt_path not in (None, "last") and not merged:
+        payload = _payload_of_checkpoint(ckpt_path)
+        _, _, cfg = rebuild(payload, **overrides)  # validates the record and the flags
+        return Command(cfg, ckpt_path, passthrough + [r for _, _, raw in flags for r in raw], print_config, payload)
+    task = _task_class({**merged, **overrides}, None)
+    keys = set(flat_keys(task))
+    for key, _, raw in flags:
+        if key not in keys:
+            raise _unknown_flag(key, task, keys)
+        passthrough += raw
+    cfg = load_config(merged, task=task, **overrides)
+    return Command(cfg, ckpt_path, passthrough, print_config)
+
+
+def _unknown_flag(key: str, task: type | None, keys: set[str]) -> ConfigError:
+    message = str(_unknown_key(key, task, sorted(keys | _METHOD_FLAGS)))
+    return ConfigError(message.replace(f"unknown key {key!r}", f"unknown flag --{key}", 1))
+
+
+def _payload_of_checkpoint(ckpt_path: str) -> dict[str, Any]:
+    """The ``lightrainer`` entry of a checkpoint (its record), for validate/test/predict without --config."""
+    path = check_checkpoint(ckpt_path)
+    return torch.load(path, map_location="cpu", weights_only=True)["lightrainer"]
 
 
 def find_last_checkpoint(cfg: Config) -> Path:
@@ -191,8 +254,6 @@ def check_checkpoint(path: str | Path) -> Path:
     Raises:
         ConfigError: missing, unreadable/truncated, or not written by lightrainer.
     """
-    import torch
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--ckpt_path: checkpoint not found: {path}")
@@ -218,14 +279,14 @@ def resolve_ckpt(cfg: Config, ckpt_path: Optional[str]) -> Optional[Path]:
 
 # ---------------------------------------------------------------------------------- LightningCLI
 def _lightning_cli_class() -> type:
-    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
     class LightrainerCLI(LightningCLI):
         """LightningCLI whose root keys are the flat lightrainer keys."""
 
-        def __init__(self, cfg: Config, ckpt: Optional[Path], args: list[str]) -> None:
+        def __init__(self, cfg: Config, ckpt: Optional[Path], args: list[str],
+                     rebuild_from: Optional[dict[str, Any]] = None) -> None:
             self._cfg = cfg
             self._ckpt = ckpt
+            self._rebuild_from = rebuild_from
             with warnings.catch_warnings():
                 # We always pass args (already validated); LightningCLI warns when sys.argv is set too.
                 warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
@@ -249,26 +310,27 @@ def _lightning_cli_class() -> type:
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             docs = field_docs()
-            docs.update({k: (spec.default, f"{spec.doc} (task key)") for k, spec in _extra_specs().items()})
-            for key in flat_keys():
+            task = self._cfg.task_class
+            name = task.__name__ if task is not None else "the task"
+            docs.update({k: (spec.default, f"{spec.doc} ({name} key)") for k, spec in task_keys_of(task).items()})
+            for key in flat_keys(task):
                 default, doc = docs[key]
                 parser.add_argument(f"--{key}", type=Any, default=default, help=doc)
 
         def instantiate_classes(self) -> None:
-            from lightrainer.build import build_from_config, instantiate
-            from lightrainer.trainer import build_trainer
-
-            import lightning as L
-
             self.config_init = self.config
             cfg = self._cfg
             if self.subcommand != "fit":
                 cfg.name = f"{cfg.name}_{self.subcommand}"
             L.seed_everything(cfg.seed, workers=True, verbose=False)
-            self.model, self.datamodule = build_from_config(cfg)
+            if self._rebuild_from is not None:
+                # No --config: the run re-opens from its checkpoint's record (classes checked).
+                self.model, self.datamodule, _ = rebuild(self._rebuild_from)
+                self.model.cfg.name = cfg.name
+                cfg = self.model.cfg
+            else:
+                self.model, self.datamodule = build_from_config(cfg)
             if self.subcommand == "fit" and (cfg.ptq or cfg.qat or cfg.trt_quant):
-                from lightrainer.quant.workflow import check_quant_config
-
                 # The network is known now: refuse one with nothing to quantize before the run
                 # folder exists.
                 check_quant_config(cfg.replace(ptq=cfg.ptq or not cfg.qat), getattr(self.model, "net", None))
@@ -297,44 +359,50 @@ def _tool_parser() -> argparse.ArgumentParser:
     export.add_argument("--int8", action="store_true", help="engine: int8 from a Q/DQ model")
     export.add_argument("--fp16", action="store_true", help="engine: fp16")
     ptq = sub.add_parser("ptq", help="post-training quantization of trained weights")
-    ptq.add_argument("--config", required=True)
     ptq.add_argument("--weights", required=True)
+    ptq.add_argument("--config", default=None, help="YAML (default: the config saved in the weights)")
     bench = sub.add_parser("benchmark", help="latency table: PyTorch, ONNX Runtime (FP32, Q/DQ), TensorRT")
     bench.add_argument("--weights", required=True)
     bench.add_argument("--config", default=None)
     return parser
 
 
-def _config_for_weights(weights: str, config: Optional[str]) -> tuple[Config, dict]:
-    from lightrainer.export.pipeline import load_weights
-
+def _run_for_weights(weights: str, config: Optional[str]) -> tuple[Any, Any, Config]:
+    """The task module, datamodule and config of a weights file: rebuilt from the file's own
+    record (classes checked before anything is called), or built from ``--config``."""
     payload = load_weights(weights)
-    saved = payload.get("config") or {}
-    cfg = load_config(config) if config else load_config({k: v for k, v in saved.items() if v is not None})
+    if config:
+        add_import_path(Path(config).parent)
+        cfg = load_config(config)
+        module, datamodule = build_from_config(cfg)
+    else:
+        module, datamodule, cfg = rebuild(payload)
     cfg.run_dir = str(Path(weights).parent.parent)
-    return cfg, payload
+    return module, datamodule, cfg
 
 
 def run_tool(argv: list[str]) -> int:
     """``lightrainer export|ptq|benchmark``."""
     args = _tool_parser().parse_args(argv)
-    from lightrainer.build import build_from_config
-
-    cfg, _ = _config_for_weights(args.weights, args.config)
-    module, datamodule = build_from_config(cfg)
+    add_import_path(Path.cwd())
+    module, datamodule, cfg = _run_for_weights(args.weights, args.config)
     if args.tool == "export":
-        from lightrainer.export import export_from_weights
-
         export_from_weights(module, datamodule, cfg, args.weights, fmt=args.format, int8=args.int8, fp16=args.fp16)
     elif args.tool == "ptq":
-        from lightrainer.quant import run_ptq
-
         run_ptq(module, datamodule, cfg, args.weights)
     else:
-        from lightrainer.export import benchmark_from_weights
-
         benchmark_from_weights(module, datamodule, cfg, args.weights)
     return 0
+
+
+def _help_config(argv: list[str]) -> Config:
+    """The config whose task's keys ``--help`` lists: that of the ``--config`` files when they
+    read, else the defaults (the main job's task)."""
+    without_help = [a for a in argv if a not in ("-h", "--help")]
+    try:
+        return read_command_config(without_help).cfg
+    except ConfigError:
+        return load_config()
 
 
 # ---------------------------------------------------------------------------------- entry point
@@ -356,8 +424,6 @@ def readme_section(err: BaseException) -> str:
 
 def _is_user_error(err: Exception) -> bool:
     """Errors that describe a user mistake or a missing optional dependency (exit 2, no traceback)."""
-    from lightrainer.export.errors import ExportError, MissingDependencyError
-
     if isinstance(err, (ConfigError, ExportError, MissingDependencyError)):
         return True
     # The project's own error types (quantization, tasks) subclass ValueError.
@@ -374,16 +440,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(USAGE, file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
             return 0 if argv and argv[0] in ("-h", "--help") else 2
         if any(a in ("-h", "--help") for a in argv):
-            _lightning_cli_class()(load_config(), None, argv)
+            _lightning_cli_class()(_help_config(argv[1:]), None, argv)
             return 0
-        cfg, ckpt_path, rest, print_config = read_command_config(argv[1:])
-        if print_config:
+        command = read_command_config(argv[1:], argv[0])
+        cfg = command.cfg
+        if command.print_config:
             data = cfg.to_dict()
             data["derived"] = cfg.derived()
             print(yaml.safe_dump({**data, **cfg.sections}, sort_keys=False), end="")
             return 0
-        ckpt = resolve_ckpt(cfg, ckpt_path)
-        _lightning_cli_class()(cfg, ckpt, [argv[0], *rest])
+        ckpt = resolve_ckpt(cfg, command.ckpt_path)
+        _lightning_cli_class()(cfg, ckpt, [argv[0], *command.passthrough], command.rebuild_from)
     except Exception as err:  # noqa: BLE001 - user errors become exit 2, anything else re-raises
         if not _is_user_error(err):
             raise

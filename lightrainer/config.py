@@ -290,7 +290,7 @@ def import_class(path: str, section: str) -> type:
             "run from its folder or add that folder to PYTHONPATH"
         ) from None
     except AttributeError:
-        raise ConfigError(f"{section}.class_path: module {module_name!r} has no {name!r}") from None
+        raise ConfigError(f"{section}.class_path: cannot import {path!r} (module {module_name!r} has no {name!r})") from None
     if not isinstance(obj, type):
         raise ConfigError(f"{section}.class_path: {path!r} is a {type(obj).__name__}, not a class")
     return obj
@@ -511,9 +511,12 @@ def field_docs() -> dict[str, tuple[Any, str]]:
 
 
 def dump_config(cfg: Config, path: Union[str, os.PathLike], extra: Mapping[str, Any] | None = None) -> None:
-    """Write the config, its derived values and ``extra`` entries to a YAML file (args.yaml)."""
+    """Write the config, its derived values and ``extra`` entries to a YAML file (args.yaml),
+    atomically (:func:`lightrainer.io.atomic_write`)."""
+    from lightrainer.io import atomic_write
+
     data = cfg.to_dict()
     data["derived"] = cfg.derived()
     if extra:
         data["derived"].update(extra)
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    atomic_write(path, yaml.safe_dump(data, sort_keys=False))

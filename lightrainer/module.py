@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from lightrainer.config import Config, ConfigError
 from lightrainer.ema import ModelEMA
 from lightrainer.optim import build_optimizer, schedule
+from lightrainer.record import class_path_of, run_record
 from lightrainer.registry import TASKS
 from lightrainer.task import ExportSpec, TaskKey, resolve_fitness, task_name_of
 
@@ -218,18 +219,15 @@ class LightrainerModule(L.LightningModule):
 
         DDP averages the ranks' gradients; each rank's loss is a mean over its n_r samples, so
         only this weight makes the average the gradient of the mean over the global batch (equal
-        shards: weight 1). The in-memory loader splits its last global batch unevenly; a
-        DistributedSampler pads every rank to the same size instead.
+        shards: weight 1). A loader that splits a global batch unevenly (the in-memory loader's
+        last one) says so by a method ``global_batch_samples(batch_idx) -> N``; a loader without
+        it (a DistributedSampler pads every rank to the same size) has equal shards.
         """
-        from lightrainer.datamodules.memory import InMemoryBatchLoader
-
         world = self.trainer.world_size
-        loader = self.trainer.train_dataloader
-        if world == 1 or not isinstance(loader, InMemoryBatchLoader):
+        global_batch_samples = getattr(self.trainer.train_dataloader, "global_batch_samples", None)
+        if world == 1 or not callable(global_batch_samples):
             return loss
-        global_batch = loader.batch_size * world
-        n_global = min(global_batch, len(loader.sampler) - batch_idx * global_batch)
-        weight = world * n / n_global
+        weight = world * n / global_batch_samples(batch_idx)
         return loss if weight == 1 else loss * weight
 
     def on_validation_model_zero_grad(self) -> None:
@@ -331,7 +329,9 @@ class LightrainerModule(L.LightningModule):
             "last_opt_step": self._last_opt_step,
             "pending_grads": pending,
             "config": self.cfg.to_dict(),
-            "task": f"{type(self).__module__}.{type(self).__qualname__}",
+            "task": class_path_of(type(self)),
+            "run": run_record(self, getattr(self._trainer, "datamodule", None) if self._trainer else None,
+                              self.cfg.to_dict()),
             "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 

@@ -199,14 +199,20 @@ def find_task(name: str) -> type:
     return TASKS.get(name)
 
 
+def _base_most(classes: list[type]) -> list[type]:
+    """Drop the classes that subclass another one of the list (a subclass inherits its keys)."""
+    return [c for c in classes if not any(o is not c and issubclass(c, o) for o in classes)]
+
+
 def tasks_declaring(keys: set[str]) -> list[type]:
     """The registered tasks that declare every key of ``keys`` (used to pick a task for a YAML
-    without a ``task`` key or a ``model:`` section, such as the original's files)."""
-    return [TASKS.get(n) for n in TASKS if keys <= set(task_keys_of(TASKS.get(n)))]
+    without a ``task`` key or a ``model:`` section, such as the original's files); of a task and
+    its subclasses, the task."""
+    return _base_most([TASKS.get(n) for n in TASKS if keys <= set(task_keys_of(TASKS.get(n)))])
 
 
 def key_owners(key: str) -> list[str]:
     """The names of the registered tasks (or register_task_keys names) that declare ``key``."""
-    owners = [n for n in TASKS if key in task_keys_of(TASKS.get(n))]
+    owners = [task_name_of(c) for c in _base_most([TASKS.get(n) for n in TASKS if key in task_keys_of(TASKS.get(n))])]
     owners += [n for n, keys in _REGISTERED_KEYS.items() if key in keys and n not in owners]
     return owners

@@ -1,46 +1,31 @@
 """Checkpoints of a run: Lightning ``.ckpt`` for resuming and the seed's ``.pt`` weights files.
 
-Every file is written to a temporary name and moved into place with ``os.replace``, so a kill at
-any moment leaves either the previous complete file or the new one under the final name.
+Every file goes through :mod:`lightrainer.io` (the ``.ckpt`` files through the
+:class:`AtomicCheckpointIO` plugin the Trainer is built with), so a kill at any moment leaves
+either the previous complete file or the new one under the final name. Only Lightning's public
+API is used: the :class:`~lightning.pytorch.callbacks.Checkpoint` base, ``trainer.save_checkpoint``
+and the ``CheckpointIO`` plugin.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 
-import lightrainer
-
-
-def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Move the complete file ``tmp`` over ``path``: flushed to disk first, so that neither a
-    killed process nor a machine that loses power leaves a partial file under ``path``."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if os.name == "posix":  # persist the rename itself
-        fd = os.open(Path(path).parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        replace_durably(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+from lightrainer.record import class_path_of, run_record
+from lightrainer.io import atomic_torch_save
+from lightrainer.version import __version__
 
 
 def weights_payload(trainer: L.Trainer, pl_module: L.LightningModule, best_fitness: float | None) -> dict[str, Any]:
@@ -52,10 +37,12 @@ def weights_payload(trainer: L.Trainer, pl_module: L.LightningModule, best_fitne
         "model": {k: v.detach().cpu() for k, v in pl_module.weights_state_dict().items()},
         "optimizer": optimizers[0].state_dict() if optimizers else None,
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        # With the model:/data: sections, so `lightrainer export --weights` rebuilds the same task.
-        "config": {**pl_module.cfg.to_dict(), **pl_module.cfg.sections},
-        "task": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
-        "version": lightrainer.__version__,
+        # The task, network and datamodule classes with their arguments, and the config: every
+        # command re-opens the run from this file alone (lightrainer.build.rebuild).
+        "run": run_record(pl_module, getattr(trainer, "datamodule", None), pl_module.cfg.to_dict()),
+        "config": pl_module.cfg.to_dict(),
+        "task": class_path_of(type(pl_module)),
+        "version": __version__,
     }
 
 
@@ -64,85 +51,105 @@ def fitness_of(pl_module: L.LightningModule) -> tuple[str, str]:
     return getattr(pl_module, "fitness_monitor", ("val/loss", "min"))
 
 
-class RunCheckpoint(ModelCheckpoint):
-    """``weights/best.ckpt``/``last.ckpt`` plus ``best.pt``/``last.pt``, all written atomically.
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``torch.save`` checkpoint writer, writing local files through
+    :func:`lightrainer.io.atomic_torch_save` (temporary file, fsync, rename): a kill or a power
+    loss while a ``.ckpt`` is written leaves the previous complete file. Remote (fsspec URL)
+    paths and ``storage_options`` go to Lightning's own writer.
+    """
 
-    The best epoch is selected on the module's fitness, read when the fit starts, so the same
-    Trainer serves any task.
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(checkpoint, path)
+
+
+def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
+    """A Trainer's ``plugins`` argument (None, one plugin or a list) plus :class:`AtomicCheckpointIO`,
+    unless it already holds a ``CheckpointIO`` (a user's own writer is kept: Lightning takes one)."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
+
+
+def improves(current: float, best: float | None, mode: str) -> bool:
+    """Whether the fitness ``current`` beats ``best`` in direction ``mode`` ("min" | "max").
+
+    The first value (``best`` None) always wins, so a run that validated has a best file; NaN
+    never beats a number, and any number beats a NaN best.
+    """
+    if best is None or (math.isnan(best) and not math.isnan(current)):
+        return True
+    return current < best if mode == "min" else current > best
+
+
+class RunCheckpoint(Checkpoint):
+    """``weights/last.ckpt``/``last.pt`` every epoch, ``best.ckpt``/``best.pt`` when the fitness
+    improved, all written atomically.
+
+    The best epoch is selected on the module's fitness (:func:`fitness_of`, read when the fit
+    starts), so the same Trainer serves any task. Saves once per training epoch, after the
+    module's own epoch-end hook, even when the epoch made no optimizer step; never outside a fit
+    or under ``fast_dev_run``. Every rank assembles the checkpoint (the module's
+    ``on_save_checkpoint`` runs collectives under DDP); rank 0 writes. The best score is part of
+    the checkpoint, so a resumed run keeps it.
 
     Args:
         dirpath: the run's ``weights`` folder.
+
+    Attributes:
+        best_model_score: the best fitness so far (None before the first validated epoch).
+        best_model_path: ``best.ckpt`` once written (what ``ckpt_path="best"`` loads), else "".
     """
 
     def __init__(self, dirpath: str | os.PathLike) -> None:
-        super().__init__(
-            dirpath=dirpath,
-            filename="best",
-            monitor="val/loss",
-            mode="min",
-            save_last=True,
-            save_top_k=1,
-            auto_insert_metric_name=False,
-            enable_version_counter=False,
-        )
+        self.dirpath = Path(dirpath)
+        self.monitor, self.mode = "val/loss", "min"
+        self.best_model_score: float | None = None
 
-    _last_epoch_saved = -1
-
-    def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
-        # Once per epoch, even when the epoch made no optimizer step (long accumulation).
-        from lightning.pytorch.trainer.states import TrainerFn
-
-        return (
-            bool(trainer.fast_dev_run)
-            or trainer.state.fn != TrainerFn.FITTING
-            or trainer.sanity_checking
-            or self._last_epoch_saved == trainer.current_epoch
-        )
-
-    def _save_epoch(self, trainer: L.Trainer) -> None:
-        # Lightning 2.6 writes last.ckpt only in epochs that improved the best: we want every epoch.
-        candidates = self._monitor_candidates(trainer)
-        self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
-        self._last_epoch_saved = trainer.current_epoch
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(trainer):
-            self._save_epoch(trainer)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer):
-            self._save_epoch(trainer)
-
-    _fitting = True
+    @property
+    def best_model_path(self) -> str:
+        return str(self.dirpath / "best.ckpt") if self.best_model_score is not None else ""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self._fitting = stage == "fit"
-        self.monitor, mode = fitness_of(pl_module)
-        self.mode = mode
-        self.kth_value = torch.tensor(-torch.inf if mode == "max" else torch.inf)
+        # Under torchrun/SLURM another rank may hold a provisional folder: rank 0's is the run's.
+        self.dirpath = Path(trainer.strategy.broadcast(str(self.dirpath), src=0))
+        self.monitor, self.mode = fitness_of(pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            rank_zero_warn(
+                f"{self.dirpath / 'best.ckpt'} is not updated: the fitness metric {self.monitor!r} was not logged "
+                f"(logged: {sorted(trainer.callback_metrics)}); log it in validation or choose another fitness"
+            )
+        current = None if value is None else float(value)
+        better = current is not None and improves(current, self.best_model_score, self.mode)
+        # Rank 0 decides, so that every rank calls save_checkpoint (a collective) the same times.
+        better, current = trainer.strategy.broadcast((better, current), src=0)
+        if better:
+            self.best_model_score = current
+            self._save(trainer, pl_module, "best")
+        self._save(trainer, pl_module, "last")
+        trainer.strategy.barrier()
+
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
+        trainer.save_checkpoint(self.dirpath / f"{name}.ckpt")
+        if trainer.is_global_zero:
+            atomic_torch_save(weights_payload(trainer, pl_module, self.best_model_score), self.dirpath / f"{name}.pt")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"monitor": self.monitor, "mode": self.mode, "best_model_score": self.best_model_score}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # validate/test/predict with a ckpt_path: no checkpoint is written, so the fit's best/last
-        # bookkeeping is not needed (and Lightning would warn that the folder changed, as a new
-        # <name>_validate/ run folder always does). Setup runs before the restore.
-        if self._fitting:
-            super().load_state_dict(state_dict)
-
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        # Every rank takes part (the module averages pending gradients); rank 0 writes.
-        path = Path(filepath)
-        tmp = path.with_name(f".{path.name}.tmp")
-        trainer.save_checkpoint(tmp, self.save_weights_only)
-        if trainer.is_global_zero:
-            replace_durably(tmp, path)
-            best = self.best_model_score
-            payload = weights_payload(trainer, trainer.lightning_module, None if best is None else float(best))
-            atomic_torch_save(payload, path.with_suffix(".pt"))
-        trainer.strategy.barrier()
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
+        # A run resumed under another fitness (or direction) starts its best afresh.
+        if (state_dict.get("monitor"), state_dict.get("mode")) == (self.monitor, self.mode):
+            self.best_model_score = state_dict.get("best_model_score")
 
 
 class RandomState(L.Callback):

@@ -22,6 +22,8 @@ class SmallCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32, dropout: float = 0.1) -> None:
         super().__init__()
+        # Kept so that a run's record can rebuild the network from its weights file alone.
+        self.num_classes, self.in_channels, self.width = num_classes, in_channels, width
         w = width
         self.features = nn.Sequential(
             Conv(in_channels, w, 3),
