@@ -21,7 +21,6 @@ import torch
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightrainer import record
 from lightrainer.build import build_from_config, instantiate, rebuild
 from lightrainer.config import (
     _FIELDS,
@@ -34,13 +33,12 @@ from lightrainer.config import (
     field_docs,
     load_config,
 )
-from lightrainer.export import benchmark_from_weights, export_from_weights
 from lightrainer.export.errors import ExportError, MissingDependencyError
-from lightrainer.quant import run_ptq
+from lightrainer.export.pipeline import benchmark_from_weights, export_from_weights, run_ptq
 from lightrainer.quant.workflow import check_quant_config
 from lightrainer.task import task_keys_of
 from lightrainer.trainer import build_trainer
-from lightrainer.export import load_weights
+from lightrainer.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +86,11 @@ def flat_keys(task: type | None = None) -> list[str]:
 def add_import_path(folder: str | Path) -> None:
     """Make a user's own modules beside a YAML (or in the working folder) importable by
     ``class_path``, as ``python script.py`` would; appended to sys.path, so an installed module
-    of the same name wins. Recorded in the run's files, so ``--weights`` alone re-imports them."""
+    of the same name wins. A run records the folders its classes came from, so ``--weights``
+    alone re-imports them."""
     folder = str(Path(folder).resolve())
     if folder not in sys.path:
         sys.path.append(folder)
-    if folder not in record.IMPORT_PATHS:
-        record.IMPORT_PATHS.append(folder)
 
 
 # ---------------------------------------------------------------------------------- preflight

@@ -9,7 +9,7 @@ and the flat config, as data (strings, numbers, lists, dicts)::
             or {"default": True} (the task's default_net rebuilds it from the config and data),
      "data": {"class_path": "...", "init_args": {...}} or None,
      "sources": {class_path: file the class was defined in},
-     "import_paths": [folders the command line added to sys.path to import the classes],
+     "import_paths": [the user's folders the classes were imported from],
      "version": "0.1.0"}
 
 Arguments come from the YAML's sections when the run was built from them (exact), else from the
@@ -33,14 +33,7 @@ from lightrainer.version import __version__
 
 #: Attribute a built module carries: the specs it was built from (set by lightrainer.build).
 BUILD_SPECS_ATTR = "_lightrainer_build_specs"
-#: Folders the command line put on sys.path to import a user's classes (set by lightrainer.cli).
-IMPORT_PATHS: list[str] = []
 _INJECTED = {"self", "cfg", "net"}
-
-
-def class_path_of(cls: type) -> str:
-    """``pkg.mod.Name`` of a class."""
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def is_plain(value: Any) -> bool:
@@ -110,17 +103,37 @@ def source_file(cls: type) -> str | None:
     return str(Path(path).resolve()) if path else None
 
 
-def _needed_import_paths(classes: list[type]) -> list[str]:
-    """The folders of :data:`IMPORT_PATHS` that a recorded class's module was imported from."""
-    needed = []
-    for folder in IMPORT_PATHS:
-        for cls in classes:
-            relative = Path(*cls.__module__.split("."))
-            if (Path(folder) / relative.with_suffix(".py")).is_file() or (Path(folder) / relative / "__init__.py").is_file():
-                if source_file(cls) and Path(source_file(cls)).is_relative_to(Path(folder).resolve()):
-                    needed.append(folder)
-                    break
-    return needed
+def module_name_of(cls: type) -> str:
+    """The importable module of a class: a script run as ``python examples/x.py`` defines its
+    classes in ``__main__``, importable later as ``x`` from the script's folder."""
+    if cls.__module__ == "__main__":
+        path = getattr(sys.modules.get("__main__"), "__file__", None)
+        if path:
+            return Path(path).stem
+    return cls.__module__
+
+
+def class_path_of(cls: type) -> str:
+    """``pkg.mod.Name`` of a class (a script's classes by the script's module name)."""
+    return f"{module_name_of(cls)}.{cls.__qualname__}"
+
+
+def _import_root(cls: type) -> str | None:
+    """The folder a class's module was imported from, when it is a user's folder (not an
+    installed package, not the standard library): recorded so ``--weights`` alone re-imports it."""
+    source = source_file(cls)
+    if source is None:
+        return None
+    parts = module_name_of(cls).split(".")
+    root = Path(source).parent
+    for _ in parts[1:] if Path(source).name != "__init__.py" else parts:
+        root = root.parent
+    installed = ("site-packages", "dist-packages")
+    if any(part in installed for part in root.parts) or root == Path(inspect.getfile(inspect)).parent:
+        return None
+    if (root / "lightrainer" / "record.py").resolve() == Path(__file__).resolve():
+        return None  # lightrainer itself (an editable install)
+    return str(root)
 
 
 def run_record(module: Any, datamodule: Any, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -149,6 +162,6 @@ def run_record(module: Any, datamodule: Any, config: Mapping[str, Any]) -> dict[
         "net": net_spec,
         "data": data,
         "sources": {class_path_of(c): source_file(c) for c in classes},
-        "import_paths": _needed_import_paths(classes),
+        "import_paths": sorted({root for root in map(_import_root, classes) if root}),
         "version": __version__,
     }

@@ -18,6 +18,7 @@ names a task. This module is the bottom layer: it imports nothing of lightrainer
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -104,12 +105,17 @@ def task_name_of(cls: type) -> str:
     return own if isinstance(own, str) and own else default_task_name(cls)
 
 
-#: Keys declared with :func:`register_task_keys` under a task name.
+#: Keys declared with :func:`register_task_keys` under a task name, and the module that did.
 _REGISTERED_KEYS: dict[str, dict[str, TaskKey]] = {}
+_REGISTERING_MODULE: dict[str, str] = {}
 
 
 def register_task_keys(task: str | type, keys: Mapping[str, TaskKey]) -> None:
     """Declare YAML keys of a task from outside its class (prefer ``task_keys`` on the class).
+
+    Keys registered under a name belong to the task of that ``task_name``; when no registered task
+    has that name, to the tasks defined in the module that registered them (the original's
+    ``register_task_keys("ink", ...)`` beside ``class InkHuber``).
 
     Args:
         task: the task class, or its ``task_name``.
@@ -123,6 +129,8 @@ def register_task_keys(task: str | type, keys: Mapping[str, TaskKey]) -> None:
             raise ValueError(f"register_task_keys: {name!r} must be a TaskKey(type, default, check, doc)")
     name = task_name_of(task) if isinstance(task, type) else str(task)
     _REGISTERED_KEYS.setdefault(name, {}).update(keys)
+    caller = inspect.currentframe().f_back  # the module that registers (for classes without the name)
+    _REGISTERING_MODULE[name] = task.__module__ if isinstance(task, type) else caller.f_globals.get("__name__", "")
 
 
 def task_keys_of(cls: type | None) -> dict[str, TaskKey]:
@@ -137,6 +145,9 @@ def task_keys_of(cls: type | None) -> dict[str, TaskKey]:
             merged.update(own)
         if vars(klass).get("task_name") is not None or klass is cls:
             merged.update(_REGISTERED_KEYS.get(task_name_of(klass), {}))
+    for name, module in _REGISTERING_MODULE.items():
+        if module == cls.__module__ and name not in TASKS:
+            merged.update(_REGISTERED_KEYS[name])
     return merged
 
 
