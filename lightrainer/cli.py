@@ -193,9 +193,10 @@ def read_command_config(argv: list[str], subcommand: str = "fit") -> Command:
             flags.append((key, yaml.safe_load(value) if value is not None else True, argv[i:nxt]))
         i = nxt
     overrides = {key: value for key, value, _ in flags}
-    if not configs and subcommand != "fit" and ckpt_path not in (None, "last") and not merged:
+    if not configs and subcommand != "fit" and ckpt_path not in (None, "last") and not {"model", "data"} & set(merged):
         payload = _payload_of_checkpoint(ckpt_path)
         _, _, cfg = rebuild(payload, **overrides)  # validates the record and the flags
+        cfg.sections.update(merged)
         return Command(cfg, ckpt_path, passthrough + [r for _, _, raw in flags for r in raw], print_config, payload)
     task = _task_class({**merged, **overrides}, None)
     keys = set(flat_keys(task))
@@ -322,9 +323,9 @@ def _lightning_cli_class() -> type:
             L.seed_everything(cfg.seed, workers=True, verbose=False)
             if self._rebuild_from is not None:
                 # No --config: the run re-opens from its checkpoint's record (classes checked).
-                self.model, self.datamodule, _ = rebuild(self._rebuild_from)
-                self.model.cfg.name = cfg.name
-                cfg = self.model.cfg
+                self.model, self.datamodule, rebuilt = rebuild(self._rebuild_from, **cfg.to_dict())
+                rebuilt.sections.update(cfg.sections)
+                cfg = rebuilt
             else:
                 self.model, self.datamodule = build_from_config(cfg)
             if self.subcommand == "fit" and (cfg.ptq or cfg.qat or cfg.trt_quant):

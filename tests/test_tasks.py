@@ -287,3 +287,18 @@ def test_a_weights_file_never_runs_code(tmp_path, monkeypatch, capsys, payload, 
     assert pytest.importorskip("re").search(message, err), err
     assert "weights_only=False" not in err
     assert not (tmp_path / "pwned").exists()
+
+
+def test_validate_with_the_checkpoint_alone_rebuilds_the_users_task(tmp_path, monkeypatch) -> None:
+    yaml_path = write_user_task(tmp_path / "proj", "ink_task_f")
+    monkeypatch.chdir(tmp_path / "proj")
+    assert main(["fit", "--config", str(yaml_path), *SHRINK]) == 0
+    run = tmp_path / "proj" / "runs" / "ink"
+    forget("ink_task_f")
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", "--ckpt_path", str(run / "weights" / "best.ckpt"), "--trainer.limit_val_batches", "2"]) == 0
+    scored = (run.parent / "ink_validate" / "logs" / "metrics.csv").read_text().splitlines()
+    header, values = scored[0].split(","), scored[1].split(",")
+    fit_rows = (run / "results.csv").read_text().splitlines()
+    fit = dict(zip(fit_rows[0].split(","), fit_rows[1].split(",")))
+    assert float(values[header.index("val/mae")]) == pytest.approx(float(fit["val/mae"]), rel=1e-5)
