@@ -252,7 +252,7 @@ def rebuild(payload: Mapping[str, Any], **overrides: Any) -> tuple[L.LightningMo
     config = record.get("config")
     if not isinstance(config, Mapping):
         raise ConfigError("the file's record holds no config: pass --config with the run's YAML")
-    cfg = load_config({k: v for k, v in config.items() if v is not None}, task=task, **overrides)
+    cfg = load_config({k: v for k, v in config.items() if v is not None}, task_class=task, **overrides)
     data = record.get("data")
     if data == "default":
         default = getattr(task, "default_datamodule", None)

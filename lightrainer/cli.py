@@ -204,7 +204,7 @@ def read_command_config(argv: list[str], subcommand: str = "fit") -> Command:
         if key not in keys:
             raise _unknown_flag(key, task, keys)
         passthrough += raw
-    cfg = load_config(merged, task=task, **overrides)
+    cfg = load_config(merged, task_class=task, **overrides)
     return Command(cfg, ckpt_path, passthrough, print_config)
 
 

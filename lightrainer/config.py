@@ -226,7 +226,7 @@ class Config:
             raise ConfigError(
                 f"{cls.__name__} does not declare the key(s) {', '.join(foreign)} that this config sets "
                 f"(they belong to {self.task_class.__name__ if self.task_class else self.task}): "
-                f"load the config for {cls.__name__} (load_config(..., task={cls.__name__}))"
+                f"load the config for {cls.__name__} (load_config(..., task_class={cls.__name__}))"
             )
         resolve_fitness(cls, self.fitness)
         self.task_class, self.task_specs, self.task = cls, specs, task_name_of(cls)
@@ -371,17 +371,17 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def load_config(
-    source: Union[str, os.PathLike, Mapping[str, Any], None] = None, *, task: type | None = None, **overrides: Any
+    source: Union[str, os.PathLike, Mapping[str, Any], None] = None, *, task_class: type | None = None, **overrides: Any
 ) -> Config:
     """Read and validate a flat lightrainer config.
 
-    The task it is validated for, whose keys it accepts: ``task``; else the ``model:`` section's
+    The task it is validated for, whose keys it accepts: ``task_class``; else the ``model:`` section's
     class (imported here); else the ``task`` key; else the one registered task that declares the
     task keys the YAML uses (the original's VQ-VAE file); else the classification task.
 
     Args:
         source: a YAML file path, a mapping of keys, or None for all defaults.
-        task: the task class (a LightrainerModule subclass) whose keys the config may hold.
+        task_class: the task class (a LightrainerModule subclass) whose keys the config may hold.
         **overrides: keys that replace those of ``source``.
 
     Returns:
@@ -399,7 +399,7 @@ def load_config(
     else:
         raw = _read_yaml(Path(source))
     raw.update(overrides)
-    cfg = _validate(raw, task)
+    cfg = _validate(raw, task_class)
     seed_all(cfg.seed)
     return cfg
 

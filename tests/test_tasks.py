@@ -226,7 +226,7 @@ def test_export_with_weights_alone_for_a_task_defined_in_a_script(tmp_path) -> N
 def test_fitness_direction_comes_from_the_tasks_declaration() -> None:
     net = SmallCNN(num_classes=3, width=4)
     for metric, mode in (("recon", "min"), ("vq", "min"), ("lpips", "min"), ("ssim", "max"), ("usage", "max")):
-        cfg = lt.load_config({"fitness": metric, "lpips_weight": 0.0}, task=VQVAEModule)
+        cfg = lt.load_config({"fitness": metric, "lpips_weight": 0.0}, task_class=VQVAEModule)
         assert VQVAEModule(lt.modules.VQVAE(channels=8, codebook_size=8, code_dim=4), cfg).fitness_monitor == (
             f"val/{metric}", mode)
     cfg = lt.load_config({"fitness": "val/acc_top5"})
@@ -244,7 +244,7 @@ def test_a_config_for_one_task_refuses_another_tasks_module() -> None:
     with pytest.raises(lt.ConfigError, match="ClassificationModule does not declare the key"):
         ClassificationModule(SmallCNN(num_classes=3, width=4), cfg)
     with pytest.raises(lt.ConfigError, match="unknown key 'recon_weight': it is a key of task vqvae, not of ClassificationModule"):
-        lt.load_config({"recon_weight": 3.0}, task=ClassificationModule)
+        lt.load_config({"recon_weight": 3.0}, task_class=ClassificationModule)
 
 
 # ----------------------------------------------------------------------------- weights files are data

@@ -140,7 +140,7 @@ def test_bad_keys_fail_at_load(overrides: dict, match: str) -> None:
 
 
 def test_seed_keys_default_and_patch_size_must_divide() -> None:
-    cfg = load_config({"batch": 8}, task=VQVAEModule)
+    cfg = load_config({"batch": 8}, task_class=VQVAEModule)
     assert (cfg.extra("vq_weight"), cfg.extra("recon_weight"), cfg.extra("lpips_weight")) == (0.5, 10.0, 1.0)
     with pytest.raises(ConfigError, match="patch_size: 30 is not divisible by downsample=4; use patch_size 28 or 32"):
         build_vqvae(load_config({"patch_size": 30, "downsample": 4}))
