@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Union
 import yaml
 
 from lightrainer.errors import ConfigError, closest_hint
+from lightrainer.io import atomic_write
 from lightrainer.registry import CALIBRATION_METHODS, EXPORT_FORMATS, OPTIMIZERS, QUANT_BACKENDS, SCHEDULES, TASKS
 from lightrainer.task import (
     ExtraKey,
@@ -513,7 +514,6 @@ def field_docs() -> dict[str, tuple[Any, str]]:
 def dump_config(cfg: Config, path: Union[str, os.PathLike], extra: Mapping[str, Any] | None = None) -> None:
     """Write the config, its derived values and ``extra`` entries to a YAML file (args.yaml),
     atomically (:func:`lightrainer.io.atomic_write`)."""
-    from lightrainer.io import atomic_write
 
     data = cfg.to_dict()
     data["derived"] = cfg.derived()

@@ -13,11 +13,15 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightrainer.callbacks.checkpoint import RandomState, RunCheckpoint
+from lightrainer.callbacks.export import ExportCallback
+from lightrainer.callbacks.ptq import PTQCallback
+from lightrainer.callbacks.qat import QATCallback
+from lightrainer.callbacks.checkpoint import RandomState, RunCheckpoint, with_atomic_checkpoint_io
 from lightrainer.callbacks.early_stopping import FitnessEarlyStopping
 from lightrainer.callbacks.progress import LightrainerProgressBar
 from lightrainer.callbacks.results import ResultsCSV
 from lightrainer.config import Config, ConfigError, dump_config
+from lightrainer.quant.workflow import check_quant_config
 
 log = logging.getLogger(__name__)
 
@@ -330,10 +334,7 @@ class RunSetup(Callback):
         fitness, mode = getattr(pl_module, "fitness_monitor", (None, None))
         extra.update({"fitness": fitness, "fitness_mode": mode, "run_dir": self.cfg.run_dir})
         extra.update(getattr(pl_module, "config_notes", lambda: {})())
-        path = Path(self.cfg.run_dir) / "args.yaml"
-        tmp = path.with_name(f".{path.name}.tmp")
-        dump_config(self.cfg, tmp, extra)
-        os.replace(tmp, path)
+        dump_config(self.cfg, Path(self.cfg.run_dir) / "args.yaml", extra)
         log.info("run folder: %s", self.cfg.run_dir)
 
 
@@ -359,16 +360,10 @@ def default_callbacks(cfg: Config, progress_bar: bool = True, accelerator: str =
 def _feature_callbacks(cfg: Config) -> list[Callback]:
     callbacks: list[Callback] = []
     if cfg.qat:
-        from lightrainer.callbacks.qat import QATCallback
-
         callbacks.append(QATCallback(cfg))
     if cfg.ptq:
-        from lightrainer.callbacks.ptq import PTQCallback
-
         callbacks.append(PTQCallback(cfg))
     if cfg.export or cfg.trt_quant:
-        from lightrainer.callbacks.export import ExportCallback
-
         callbacks.append(ExportCallback(cfg))
     return callbacks
 
@@ -398,8 +393,6 @@ def build_trainer(cfg: Config, run_dir: str | os.PathLike | None = None, **train
     if cfg.ptq or cfg.qat or cfg.trt_quant:
         # A missing backend, the fake pytorch-quantization 2.2.x or a bad method fail here,
         # before the run folder exists (trt_quant runs PTQ first when ptq is off).
-        from lightrainer.quant.workflow import check_quant_config
-
         check_quant_config(cfg.replace(ptq=cfg.ptq or not cfg.qat))
     hardware = resolve_devices(cfg)
     world_size = hardware.pop("world_size")
@@ -421,6 +414,7 @@ def build_trainer(cfg: Config, run_dir: str | os.PathLike | None = None, **train
         "enable_model_summary": True,
     }
     kwargs.update(trainer_overrides)
+    kwargs["plugins"] = with_atomic_checkpoint_io(kwargs.get("plugins"))
     if kwargs.get("logger", True) is True:
         kwargs["logger"] = None  # placeholder, filled below once the folder exists
     progress_bar = kwargs.get("enable_progress_bar", True) is not False
