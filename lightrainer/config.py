@@ -33,7 +33,8 @@ from lightrainer.task import (
 
 __all__ = [
     "CLI_SECTIONS", "Config", "ConfigError", "ExtraKey", "TaskKey", "at_least", "choice", "dump_config",
-    "field_docs", "import_class", "load_config", "register_task_keys", "seed_all",
+    "field_docs", "fraction", "import_class", "load_config", "positive", "register_task_keys", "seed_all",
+    "unit_interval",
 ]
 
 # Sections that name classes for LightningCLI (`model:` / `data:` / `trainer:`); load_config keeps
@@ -69,13 +70,15 @@ def at_least(low: float) -> Callable[[str, Any], Any]:
     return check
 
 
-def _positive(key: str, value: Any) -> Any:
+def positive(key: str, value: Any) -> Any:
+    """A check: the value must be > 0."""
     if value <= 0:
         raise ConfigError(f"{key}: must be > 0, got {value!r}")
     return value
 
 
-def _unit_interval_open(key: str, value: Any) -> Any:
+def unit_interval(key: str, value: Any) -> Any:
+    """A check: the value must be in [0, 1)."""
     if not 0 <= value < 1:
         raise ConfigError(f"{key}: must be in [0, 1), got {value!r}")
     return value
@@ -87,7 +90,8 @@ def _percentile(key: str, value: Any) -> Any:
     return value
 
 
-def _fraction(key: str, value: Any) -> Any:
+def fraction(key: str, value: Any) -> Any:
+    """A check: the value must be in (0, 1)."""
     if not 0 < value < 1:
         raise ConfigError(f"{key}: must be in (0, 1), got {value!r}")
     return value
@@ -127,14 +131,14 @@ class Config:
     trt_quant: bool = _key(False, doc="build an int8 TensorRT engine after fit")
     optimizer: str = _key("Adam", OPTIMIZERS.validator(), "optimizer (a registered optimizer)")
     scheduler: str = _key("Cosine", SCHEDULES.validator(), "lr schedule (a registered schedule)")
-    lr0: float = _key(0.01, _positive, "initial learning rate")
+    lr0: float = _key(0.01, positive, "initial learning rate")
     lrf: float = _key(0.01, at_least(0), "final lr = lr0 * lrf")
-    gamma: float = _key(0.9, _positive, "Exponential schedule factor")
-    power: float = _key(2.0, _positive, "Polynomial schedule power")
-    momentum: float = _key(0.937, _unit_interval_open, "SGD momentum / Adam beta1")
+    gamma: float = _key(0.9, positive, "Exponential schedule factor")
+    power: float = _key(2.0, positive, "Polynomial schedule power")
+    momentum: float = _key(0.937, unit_interval, "SGD momentum / Adam beta1")
     weight_decay: float = _key(0.0005, at_least(0), "weight decay (scaled by batch*accumulate/nbs)")
     warmup_epochs: float = _key(3.0, at_least(0), "warmup epochs (fractions allowed)")
-    warmup_momentum: float = _key(0.8, _unit_interval_open, "momentum at the start of warmup")
+    warmup_momentum: float = _key(0.8, unit_interval, "momentum at the start of warmup")
     warmup_bias_lr: float = _key(0.1, at_least(0), "bias lr at the start of warmup")
 
     # --- keys beyond the seed (defaults keep seed behaviour) ---------------------------------
@@ -144,7 +148,7 @@ class Config:
     seed: int = _key(0, at_least(0), "random seed (data split, shuffling, init)")
     deterministic: bool = _key(False, doc="torch deterministic algorithms")
     grad_clip: float = _key(10.0, at_least(0), "gradient norm clip (0 = off)")
-    val_split: float = _key(0.2, _fraction, "fraction held out for validation (stratified)")
+    val_split: float = _key(0.2, fraction, "fraction held out for validation (stratified)")
     devices: Union[int, None] = _key(None, at_least(1), "number of devices (overrides device count)")
     num_nodes: int = _key(1, at_least(1), "number of machines")
     sync_bn: Union[bool, None] = _key(None, doc="SyncBatchNorm (None = on when several devices)")
@@ -161,8 +165,8 @@ class Config:
     compile: bool = _key(False, doc="torch.compile the network (first steps slower while it compiles)")
     channels_last: bool = _key(False, doc="channels-last memory format for the network and 4-D inputs")
     ema: bool = _key(False, doc="keep an EMA of the weights; validate, save (weights/*.pt) and export it")
-    ema_decay: float = _key(0.9999, _fraction, "EMA decay d: ema = d' * ema + (1 - d') * w, d' = d * (1 - exp(-n / ema_tau))")
-    ema_tau: float = _key(2000.0, _positive, "EMA warm-up time constant, in optimizer steps")
+    ema_decay: float = _key(0.9999, fraction, "EMA decay d: ema = d' * ema + (1 - d') * w, d' = d * (1 - exp(-n / ema_tau))")
+    ema_tau: float = _key(2000.0, positive, "EMA warm-up time constant, in optimizer steps")
 
     # The task's own keys (e.g. the VQ-VAE's loss weights), validated against its declaration.
     extras: dict = field(default_factory=dict, metadata={"check": None, "doc": ""})

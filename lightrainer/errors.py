@@ -1,4 +1,8 @@
-"""The project's error type for user mistakes (the bottom layer: imports nothing of lightrainer)."""
+"""The project's error types (the bottom layer: imports nothing of lightrainer).
+
+Every layer raises these, so a command tells a user's mistake (exit code 2, one paragraph) from
+a bug whichever layer found it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,22 @@ class ConfigError(ValueError):
     """A user mistake in the configuration: names the key, the allowed values and the fix."""
 
 
+class ExportError(ValueError):
+    """An export that cannot be done or produced a wrong model; the message names the cause and the fix."""
+
+
+class MissingDependencyError(ImportError):
+    """An optional dependency (or a GPU) that a requested feature needs is absent; one line says how to fix it."""
+
+
+class WeightsError(ConfigError, ExportError):
+    """A weights file that is missing, not a lightrainer weights file, or saved by another model.
+
+    A :class:`ConfigError` (the command or config named the wrong file or network) and, for the
+    export code that reads most weights files, an :class:`ExportError`: either ``except`` catches it.
+    """
+
+
 def closest_hint(key: str, known: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the known name closest to ``key``, or an empty string."""
     known = [str(k) for k in known]
@@ -18,4 +38,9 @@ def closest_hint(key: str, known: Iterable[str]) -> str:
         lower = {k.lower(): k for k in known}
         found = difflib.get_close_matches(key.lower(), list(lower), n=1, cutoff=0.6)
         close = [lower[found[0]]] if found else []
+    if not close:
+        # "accuracy" for "acc": a known name that the key starts with (or the other way round).
+        text = key.lower()
+        prefixes = [k for k in known if len(k) >= 3 and (text.startswith(k.lower()) or k.lower().startswith(text))]
+        close = sorted(prefixes, key=len, reverse=True)[:1] if len(text) >= 3 else []
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -71,6 +71,10 @@ class LightrainerModule(L.LightningModule):
     def default_net(cls, cfg: Config, datamodule: Any) -> nn.Module:
         """The network trained when the YAML names none (``model: init_args: net:``).
 
+        Called before Lightning sets the datamodule up (``datamodule.setup`` has not run): a task
+        whose network depends on the data (its classes, a graph) may call ``datamodule.setup("fit")``
+        itself; the built-in datamodules know their shapes from their arguments.
+
         Raises:
             ConfigError: the task has none (override to give one).
         """
@@ -122,7 +126,11 @@ class LightrainerModule(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must implement step(batch, stage)")
 
     def example_input(self, batch: Any) -> Tensor:
-        """The network input of a batch (the first element of a tuple/list batch)."""
+        """The network input of a batch (the first element of a tuple/list batch).
+
+        Export traces the network on it and verifies on it: axis 0 must be the batch axis (it is
+        made dynamic). A network that takes a whole graph (N nodes, F features) exports with a
+        leading graph axis, (1, N, F)."""
         return batch[0] if isinstance(batch, (tuple, list)) else batch
 
     def weights_state_dict(self) -> dict[str, Tensor]:

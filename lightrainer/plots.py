@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+from lightrainer.io import atomic_path
+
 
 def _pyplot():
     import matplotlib
@@ -17,14 +19,25 @@ def _pyplot():
     return plt
 
 
-def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Save a figure atomically (temporary file, then rename) and close it."""
+def save_figure(fig, path: str | os.PathLike, dpi: float = 110) -> Path:
+    """Save a figure atomically (:func:`lightrainer.io.atomic_path`) and close it.
+
+    Args:
+        fig: the matplotlib figure.
+        path: the image file; its suffix names the format ("png", "pdf", ...).
+        dpi: resolution.
+
+    Returns:
+        ``path``.
+    """
     plt = _pyplot()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        # The temporary name hides the suffix from matplotlib: say the format.
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or None)
+    finally:
+        plt.close(fig)
     return path
 
 

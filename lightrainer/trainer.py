@@ -410,7 +410,9 @@ def build_trainer(cfg: Config, run_dir: str | os.PathLike | None = None, **train
         "default_root_dir": str(run_dir),
         "deterministic": cfg.deterministic or None,
         "sync_batchnorm": resolve_sync_bn(cfg, hardware["accelerator"], world_size),
-        "log_every_n_steps": 10,
+        # The module logs epoch means itself; per-step logging only feeds the bar. 1 also keeps
+        # Lightning from warning about epochs shorter than the interval (a whole-graph batch).
+        "log_every_n_steps": 1,
         "enable_model_summary": True,
     }
     kwargs.update(trainer_overrides)

@@ -126,3 +126,28 @@ def test_apply_constraints_before_export_and_no_renorm_in_the_graph():
     traced = torch.jit.trace(model, x)  # its check re-runs the eager model: they must agree
     assert "renorm" not in str(traced.graph)
     torch.testing.assert_close(traced(x), model(x))
+
+
+class NonNegativeLinear(nn.Linear):
+    """A user's own constraint, weights >= 0, kept by projection (the Constrained protocol)."""
+
+    def apply_constraint_(self) -> None:
+        with torch.no_grad():
+            self.weight.clamp_(min=0)
+
+
+def test_export_projects_any_constrained_layer_through_the_protocol(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from onnx import load, numpy_helper
+
+    from lightrainer.constraints import Constrained
+    from lightrainer.export import export_onnx
+
+    assert isinstance(Conv2dWithConstraint(1, 1, 1), Constrained) and isinstance(NonNegativeLinear(1, 1), Constrained)
+    torch.manual_seed(0)
+    net = nn.Sequential(NonNegativeLinear(4, 3))
+    assert (net[0].weight < 0).any()
+    x = torch.randn(5, 4)
+    path = export_onnx(net, x, tmp_path / "nonneg.onnx", verify=[x])
+    (w,) = [numpy_helper.to_array(t) for t in load(str(path)).graph.initializer if len(t.dims) == 2]
+    assert (w >= 0).all() and (w == 0).any()  # projected before tracing: the file holds the clamped weights

@@ -120,7 +120,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path) -> None:
 WRITER = textwrap.dedent(
     """
     import sys, torch
-    from lightrainer.callbacks.checkpoint import atomic_torch_save
+    from lightrainer.io import atomic_torch_save
     from lightrainer.callbacks.results import ResultsCSV
     folder = sys.argv[1]
     results = ResultsCSV(folder, plots=False)

@@ -144,12 +144,15 @@ def test_dynamo_unsupported_op_is_located(tmp_path):
 def test_verify_passes_and_reports(tmp_path):
     net = _classifier()
     batches = [torch.randn(7, 1, 28, 28), torch.randn(3, 1, 28, 28)]
-    path = export_onnx(net, batches[0], tmp_path / "best.onnx", verify=batches, task="classification")
+    path = export_onnx(net, batches[0], tmp_path / "best.onnx", verify=batches, checks=["argmax"])
     report = json.loads((tmp_path / "best.onnx.verify.json").read_text())
     assert report["passed"] and report["samples"] == 10 and not report["qdq"]
     (out,) = report["outputs"]
-    assert out["max_abs_diff"] < 1e-4 and out["agreement"] == 1.0
+    assert out["max_abs_diff"] < 1e-4 and out["agreement"] == 1.0 and out["check"] == "argmax"
     assert path.is_file()
+    # the checks travel in the file: a later verification compares the same way
+    assert json.loads(read_metadata(path)["export_checks"]) == ["argmax"]
+    assert verify_onnx(path, net, batches).outputs[0].agreement == 1.0
 
 
 def test_verify_catches_perturbed_weights(tmp_path):
@@ -256,7 +259,7 @@ def test_fake_quant_network_exports_qdq_and_verifies(tmp_path, dynamo, backend):
     data = [torch.randn(8, 1, 28, 28) for _ in range(3)]
     qnet = quant.quantize_model(net, backend=backend)
     quant.calibrate(qnet, data, method="max")
-    path = export_onnx(qnet, data[0], tmp_path / "q.onnx", dynamo=dynamo, verify=data, task="classification")
+    path = export_onnx(qnet, data[0], tmp_path / "q.onnx", dynamo=dynamo, verify=data, checks=["argmax"])
     layers = qdq_layers(path)
     assert layers and all(l.quantized and l.per_channel and l.symmetric_int8 for l in layers)
     report = json.loads((tmp_path / "q.onnx.verify.json").read_text())

@@ -252,3 +252,90 @@ def test_max_norm_layers_are_projected_before_export(tmp_path):
         w2 = w2 * torch.clamp(0.25 / w2.norm(dim=1), max=1).view(-1, 1)
         ref = h @ w2.T + net[2].bias.double()
     assert np.abs(got - ref.numpy()).max() < 1e-4
+
+
+class TwoHeads(torch.nn.Module):
+    """Returns (scores, features); ``head`` maps features to scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 8), torch.nn.ReLU())
+        self.cls = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.body(x)
+        return self.cls(features), features
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.cls(features)
+
+
+def _step(self, batch, stage):
+    x, y = batch
+    return torch.nn.functional.cross_entropy(self.net(x)[0], y), {}
+
+
+def test_a_tasks_own_export_spec_decides_the_files(tmp_path):
+    # Generic export reads the declaration: graphs, names, tuple outputs, a part fed by another, checks.
+    from lightrainer.registry import TASKS
+    from lightrainer.task import ExportOutput, ExportPart, ExportSpec
+
+    spec = ExportSpec(parts=(
+        ExportPart(input_name="pixels", outputs=(ExportOutput("features"), ExportOutput("scores", "argmax")),
+                   select=(1, 0)),
+        ExportPart(".head", "head", "features", (ExportOutput("scores", "argmax"),), input_from=""),
+    ))
+    TwoHeadTask = type("TwoHeadTask", (lt.LightrainerModule,), {"export_spec": spec, "step": _step})
+    try:
+        cfg = lt.load_config(dict(save_dir=str(tmp_path), batch=8, num_workers=0, plots=False), task_class=TwoHeadTask)
+        torch.manual_seed(0)
+        module = TwoHeadTask(TwoHeads(), cfg)
+        weights = _saved_weights(tmp_path, module)
+        result = export_from_weights(module, _datamodule(cfg), cfg, weights)
+    finally:
+        TASKS.unregister("twoheadtask")
+    assert [p.name for p in result.onnx] == ["best.onnx", "best.head.onnx"]
+    whole, head = (read_metadata(p) for p in result.onnx)
+    assert whole["task"] == "twoheadtask" and "part" not in whole and head["part"] == "head"
+    assert json.loads(whole["export_checks"]) == ["tolerance", "argmax"] and json.loads(head["export_checks"]) == ["argmax"]
+    report = json.loads((tmp_path / "weights" / "best.head.onnx.verify.json").read_text())
+    assert report["passed"] and report["outputs"][0]["check"] == "argmax" and report["outputs"][0]["agreement"] == 1.0
+    x, _ = _data()
+    (features, scores) = ort.InferenceSession(str(result.onnx[0]), providers=["CPUExecutionProvider"]).run(
+        None, {"pixels": x[32:].numpy()})
+    (head_scores,) = ort.InferenceSession(str(result.onnx[1]), providers=["CPUExecutionProvider"]).run(
+        None, {"features": features})
+    with torch.no_grad():
+        w1, b1 = module.net.body[1].weight.double(), module.net.body[1].bias.double()
+        w2, b2 = module.net.cls.weight.double(), module.net.cls.bias.double()
+        ref_features = torch.relu(x[32:].flatten(1).double() @ w1.T + b1)
+        ref_scores = ref_features @ w2.T + b2
+    assert np.abs(features - ref_features.numpy()).max() < 1e-5
+    assert np.abs(scores - ref_scores.numpy()).max() < 1e-5 and np.abs(head_scores - ref_scores.numpy()).max() < 1e-5
+
+
+def test_a_task_declaring_nothing_exports_input_and_output(tmp_path):
+    from lightrainer.registry import TASKS
+
+    Plain = type("PlainTask", (lt.LightrainerModule,), {"step": lambda self, batch, stage: (self.net(batch[0]).sum(), {})})
+    try:
+        cfg = lt.load_config(dict(save_dir=str(tmp_path), batch=8, num_workers=0, plots=False), task_class=Plain)
+        module = Plain(SmallCNN(num_classes=4, width=4), cfg)
+        result = export_from_weights(module, _datamodule(cfg), cfg, _saved_weights(tmp_path, module))
+    finally:
+        TASKS.unregister("plaintask")
+    (path,) = result.onnx
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input"] and [o.name for o in session.get_outputs()] == ["output"]
+    assert json.loads(read_metadata(path)["export_checks"]) == ["tolerance"]
+
+
+def test_a_part_fed_by_no_earlier_part_is_refused(tmp_path):
+    from lightrainer.export import export_parts
+    from lightrainer.task import ExportOutput, ExportPart, ExportSpec
+
+    spec = ExportSpec(parts=(ExportPart(".head", "head", "features", (ExportOutput("scores"),), input_from=".body"),))
+    with pytest.raises(ExportError, match=r"part '\.head' takes its input from part '\.body', which is not an earlier "
+                                          r"part \(earlier: none\)"):
+        export_parts(TwoHeads(), spec, [torch.rand(2, 1, 12, 12)], tmp_path / "m.onnx", {})
+    assert not list(tmp_path.iterdir())

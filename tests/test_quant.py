@@ -226,7 +226,7 @@ def test_qdq_onnx_matches_fake_quant_in_onnxruntime(trained, digits, tmp_path, b
     net = quantize_model(copy.deepcopy(trained), backend)
     calibrate(net, batches(x[:300]), "entropy", num_bins=BINS)
     val = batches(x_val, 97)  # other batch sizes than exported: dynamic batch
-    path = export_onnx(net, x_val[:4], tmp_path / "q.onnx", dynamo=dynamo, verify=val, task="classification")
+    path = export_onnx(net, x_val[:4], tmp_path / "q.onnx", dynamo=dynamo, verify=val, checks=["argmax"])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         ours = torch.cat([net.eval()(v) for v in val])
@@ -393,6 +393,7 @@ def test_ptq_of_the_vqvae_task(tmp_path) -> None:
     from lightrainer.export import qdq_layers
     from lightrainer.modules.vqvae import VQVAEModule
     from lightrainer.modules.vqvae_net import VQVAE
+    from lightrainer.export import export_int8
     from lightrainer.quant import post_training_quantize
 
     cfg = lt.load_config(dict(save_dir=str(tmp_path), batch=4, num_workers=0, plots=False, method="max",
@@ -404,7 +405,8 @@ def test_ptq_of_the_vqvae_task(tmp_path) -> None:
     net(images)  # codebook initialised from encoder outputs
     module = VQVAEModule(net.eval(), cfg)
     dm = ArrayDataModule(cfg, train=(images[:8],), val=(images[8:],))
-    result = post_training_quantize(module, dm.train_dataloader(), dm.val_dataloader(), cfg, tmp_path)
+    result = post_training_quantize(module, dm.train_dataloader(), dm.val_dataloader(), cfg, tmp_path,
+                                    exporter=export_int8)
     assert result.calibration.batches == 2 and set(result.int8) == set(result.fp32)
     assert abs(result.int8["val/psnr"] - result.fp32["val/psnr"]) < 1.0
     onnx_path = tmp_path / "weights" / "best_int8.onnx"

@@ -15,6 +15,7 @@ from torch import nn
 from lightrainer.cli import main
 from lightrainer.quant import QuantBackend, get_backend
 from lightrainer.quant import base as quant_base
+from lightrainer.registry import Registry
 
 FEW = ["--epochs", "1", "--plots", "False", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
        "--trainer.enable_progress_bar", "False"]
@@ -75,7 +76,9 @@ def test_bad_quant_settings_exit_2(tmp_path, capsys, digits_yaml: str, flags: li
 
 def test_no_backend_installed_exit_2(tmp_path, capsys, monkeypatch, digits_yaml: str) -> None:
     # The registry holds one backend, and its library is not installed: "auto" finds none.
-    monkeypatch.setattr(quant_base, "_BACKENDS", {AbsentBackend.name: AbsentBackend()})
+    only_absent = Registry("quantization backend", key="quant_backend")
+    only_absent.register(AbsentBackend.name, AbsentBackend())
+    monkeypatch.setattr(quant_base, "QUANT_BACKENDS", only_absent)
     with pytest.raises(ValueError, match=r"absent is not installed \(No module named 'lightrainer_absent_int8_library'\)"):
         get_backend("absent")
     save_dir = tmp_path / "runs"

@@ -10,7 +10,14 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from lightrainer.callbacks.ptq import fit_loaders
 from lightrainer.config import Config
+from lightrainer.export.errors import ExportError, MissingDependencyError
+from lightrainer.export.graph import require_onnx
+from lightrainer.export.pipeline import export_from_weights
+from lightrainer.export.tensorrt import check_tensorrt
+from lightrainer.export.verify import require_onnxruntime
+from lightrainer.quant.workflow import check_quant_config, ptq_network
 
 log = logging.getLogger(__name__)
 
@@ -60,27 +67,17 @@ class ExportCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self.format is None:
             return
-        from lightrainer.export.graph import require_onnx
-        from lightrainer.export.verify import require_onnxruntime
-
         require_onnx()
         require_onnxruntime()
         if self.runs_ptq:
-            from lightrainer.quant.workflow import check_quant_config
-
             # trt_quant alone runs PTQ after fit: its settings, backend and layers are checked now.
             check_quant_config(self.cfg.replace(ptq=True, qat=False), pl_module.net)
         if self.format == "engine":
-            from lightrainer.export.tensorrt import check_tensorrt
-
             check_tensorrt()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.format is None or not trainer.is_global_zero:
             return
-        from lightrainer.export.errors import ExportError, MissingDependencyError
-        from lightrainer.export.pipeline import export_from_weights
-
         run_dir = Path(self.cfg.run_dir or trainer.default_root_dir)
         weights = run_dir / "weights" / "best.pt"
         if not weights.is_file():
@@ -92,9 +89,6 @@ class ExportCallback(Callback):
             val_inputs = [pl_module.example_input(b) for b in itertools.islice(loader, self.max_batches)]
         quantize = self.quantize
         if self.runs_ptq:
-            from lightrainer.callbacks.ptq import fit_loaders
-            from lightrainer.quant.workflow import ptq_network
-
             train_loader, _ = fit_loaders(trainer)
 
             def quantize(module: Any, datamodule: Any) -> Any:

@@ -9,7 +9,9 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from lightrainer.callbacks.classification_plots import log_images
 from lightrainer.config import Config
+from lightrainer.export.pipeline import export_int8
 from lightrainer.quant.workflow import PTQResult, best_weights, check_quant_config, post_training_quantize
 
 log = logging.getLogger(__name__)
@@ -43,10 +45,9 @@ class PTQCallback(Callback):
         state = best_weights(run_dir, pl_module.device)
         train_loader, val_loader = fit_loaders(trainer)
         self.result = post_training_quantize(
-            pl_module, train_loader, val_loader, self.cfg, run_dir, state_dict=state, sensitivity=self.sensitivity
+            pl_module, train_loader, val_loader, self.cfg, run_dir, state_dict=state, sensitivity=self.sensitivity,
+            exporter=export_int8,
         )
-        from lightrainer.callbacks.classification_plots import log_images
-
         chart = run_dir / "quant_sensitivity.png"
         log_images(trainer, [chart] if chart.is_file() else [])
 

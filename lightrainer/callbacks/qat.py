@@ -11,12 +11,13 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from lightrainer.callbacks.ptq import fit_loaders
 from lightrainer.config import Config
+from lightrainer.export.pipeline import export_int8
 from lightrainer.quant.base import iter_quantizers
 from lightrainer.quant.calibrate import CalibrationResult, calibrate, refresh_weight_amax, set_amax
 from lightrainer.quant.replace import quantize_model
-from lightrainer.callbacks.ptq import fit_loaders
-from lightrainer.quant.workflow import REPORT_BATCHES, best_weights, check_quant_config, export_int8, save_quantized
+from lightrainer.quant.workflow import REPORT_BATCHES, best_weights, check_quant_config, save_quantized
 
 log = logging.getLogger(__name__)
 

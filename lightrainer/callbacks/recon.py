@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightrainer.config import Config
-from lightrainer.plots import _pyplot
+from lightrainer.plots import _pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,7 @@ class ReconstructionGrid(Callback):
         if psnr is not None and ssim is not None:
             title += f"   (val PSNR {float(psnr):.2f} dB, SSIM {float(ssim):.3f})"
         fig.suptitle(title, fontsize=9, y=1 - 0.08 / (height * scale + 0.5), va="top")
-        fig.savefig(path)
-        plt.close(fig)
+        save_figure(fig, path, dpi=fig.dpi)
 
     @staticmethod
     def _log_grid(grid: Tensor, trainer: L.Trainer, epoch: int) -> None:
@@ -163,6 +162,4 @@ def plot_codebook_usage(counts: Tensor, path: Path, epoch: int, perplexity: Opti
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=fig.dpi)

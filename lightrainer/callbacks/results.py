@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -12,7 +13,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from lightrainer.callbacks.checkpoint import replace_durably
+from lightrainer.io import atomic_write
 from lightrainer.plots import plot_results
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,11 @@ class ResultsCSV(Callback):
         header: list[str] = []
         for row in self.rows:
             header += [k for k in row if k not in header]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            for row in self.rows:
-                writer.writerow({k: _fmt(row.get(k)) for k in header})
-        replace_durably(tmp, self.path)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=header)
+        writer.writeheader()
+        writer.writerows({k: _fmt(row.get(k)) for k in header} for row in self.rows)
+        atomic_write(self.path, text.getvalue())
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._plot(trainer)

@@ -1,7 +1,7 @@
 """LightningDataModules: in-memory tensors, arrays, image folders and offline built-in sets."""
 
 from lightrainer.datamodules.arrays import ArrayDataModule
-from lightrainer.datamodules.base import LightrainerDataModule
+from lightrainer.datamodules.base import LightrainerDataModule, stratified_split
 from lightrainer.datamodules.digits import DigitsDataModule
 from lightrainer.datamodules.folder import ImageFolderDataModule
 from lightrainer.datamodules.memory import InMemoryBatchLoader
@@ -17,4 +17,5 @@ __all__ = [
     "MNIST5kDataModule",
     "PhotoPatchesDataModule",
     "RandomPatchLoader",
+    "stratified_split",
 ]

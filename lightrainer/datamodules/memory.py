@@ -188,6 +188,13 @@ class InMemoryBatchLoader:
         """Restore the epoch counter of :meth:`state_dict`."""
         self.sampler.set_epoch(state["epoch"])
 
+    def global_batch_samples(self, batch_idx: int) -> int:
+        """Samples in global batch ``batch_idx`` over all ranks: ``batch_size * world_size``
+        except the last, partial one, which the ranks share unevenly (the training step weights
+        each rank's loss by its share: :meth:`lightrainer.LightrainerModule._shard_weighted`)."""
+        global_batch = self.batch_size * self.world_size
+        return min(global_batch, len(self.sampler) - batch_idx * global_batch)
+
     def __len__(self) -> int:
         return len(self._ranges)
 

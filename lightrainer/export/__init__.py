@@ -2,7 +2,9 @@
 
 ``export_onnx`` writes one model (atomically, checked, verified against PyTorch on real batches
 when given them); ``export_from_weights`` runs the whole export of a run (the callback and
-``lightrainer export`` call it); ``build_engine`` turns an ONNX model into a TensorRT engine;
+``lightrainer export`` call it), one file per part of the task's export spec; ``run_ptq`` /
+``export_int8`` calibrate a run's weights and write the verified Q/DQ model (``lightrainer ptq``,
+the PTQ and QAT callbacks); ``build_engine`` turns an ONNX model into a TensorRT engine;
 ``benchmark_latency`` times PyTorch, ONNX Runtime and TensorRT.
 """
 
@@ -12,12 +14,16 @@ from lightrainer.export.latency import LatencyRow, benchmark_latency, latency_ma
 from lightrainer.export.onnx import DEFAULT_OPSET, export_onnx
 from lightrainer.export.pipeline import (
     FORMATS,
+    ExportFormat,
     ExportResult,
-    apply_weights,
     benchmark_from_weights,
     check_format,
     export_from_weights,
-    load_weights,
+    export_int8,
+    export_part,
+    export_parts,
+    register_format,
+    run_ptq,
 )
 from lightrainer.export.tensorrt import (
     EnginePlan,
@@ -30,6 +36,7 @@ from lightrainer.export.tensorrt import (
     trtexec_command,
 )
 from lightrainer.export.verify import Tolerance, VerifyReport, verify_onnx
+from lightrainer.weights import apply_weights, load_weights  # re-exported: they lived here before lightrainer.weights
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -37,6 +44,7 @@ __all__ = [
     "EnginePlan",
     "EngineRequest",
     "ExportError",
+    "ExportFormat",
     "ExportResult",
     "LatencyRow",
     "MissingDependencyError",
@@ -54,12 +62,17 @@ __all__ = [
     "engine_plan",
     "engine_request",
     "export_from_weights",
+    "export_int8",
     "export_onnx",
+    "export_part",
+    "export_parts",
     "input_spec",
     "latency_markdown",
     "load_weights",
     "qdq_layers",
     "read_metadata",
+    "register_format",
+    "run_ptq",
     "trtexec_command",
     "verify_onnx",
     "write_latency",

@@ -1,11 +1,7 @@
-"""Exceptions of the export layer."""
+"""Exceptions of the export layer (defined in :mod:`lightrainer.errors`, where every layer can raise them)."""
 
 from __future__ import annotations
 
+from lightrainer.errors import ExportError, MissingDependencyError
 
-class ExportError(ValueError):
-    """An export that cannot be done or produced a wrong model; the message names the cause and the fix."""
-
-
-class MissingDependencyError(ImportError):
-    """An optional dependency (or a GPU) that a requested feature needs is absent; one line says how to fix it."""
+__all__ = ["ExportError", "MissingDependencyError"]

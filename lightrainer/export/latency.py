@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import statistics
@@ -18,6 +19,7 @@ from torch import nn
 from lightrainer.export.errors import ExportError
 from lightrainer.export.graph import PathLike, read_metadata
 from lightrainer.export.verify import ort_session
+from lightrainer.io import atomic_write
 from lightrainer.export.view import ExportView, cpu_eval
 
 log = logging.getLogger(__name__)
@@ -175,10 +177,11 @@ def write_latency(rows: Sequence[LatencyRow], out_dir: PathLike) -> tuple[Path, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / "latency.csv", out / "latency.md"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])) if rows else list(LatencyRow.__dataclass_fields__))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
-    md_path.write_text(latency_markdown(rows))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(asdict(rows[0])) if rows else list(LatencyRow.__dataclass_fields__))
+    writer.writeheader()
+    writer.writerows(asdict(r) for r in rows)
+    atomic_write(csv_path, table.getvalue())
+    atomic_write(md_path, latency_markdown(rows))
     log.info("latency table: %s\n%s", md_path, latency_markdown(rows))
     return csv_path, md_path

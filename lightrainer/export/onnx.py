@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import re
 import time
 import warnings
@@ -18,12 +17,15 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import lightrainer
+from lightrainer.constraints import apply_constraints_
 from lightrainer.export.errors import ExportError
 from lightrainer.export.graph import PathLike, companion_path, require_onnx
-from lightrainer.export.verify import Tolerance, verify_onnx
+from lightrainer.export.verify import Tolerance, output_checks, verify_onnx
 from lightrainer.export.view import ExportView, as_tensors, cpu_eval, normalise_outputs
-from lightrainer.modules.blocks import apply_constraints_
+from lightrainer.io import atomic_path
+from lightrainer.quant.base import iter_quantizers
+from lightrainer.quant.qdq import qdq_export_context, qdq_translation_table
+from lightrainer.version import __version__
 
 if TYPE_CHECKING:
     import onnx
@@ -51,16 +53,16 @@ def export_onnx(
     method: str = "forward",
     outputs: int | Sequence[int] | None = None,
     verify: Iterable[Tensor] | None = None,
-    task: str | None = None,
+    checks: Sequence[str] | None = None,
     tolerance: Tolerance | None = None,
 ) -> Path:
     """Export ``net`` to an ONNX file, check it and (with ``verify``) compare it with PyTorch.
 
     The model is built in memory, checked with ``onnx.checker``, verified when ``verify`` is
-    given, and only then moved under ``path`` (temporary file + ``os.replace``): a failure at any
+    given, and only then moved under ``path`` (:func:`lightrainer.io.atomic_path`): a failure at any
     step leaves nothing new under ``path``.
 
-    Max-norm constrained layers (:func:`lightrainer.modules.blocks.apply_constraints_`) are
+    Constrained layers (max-norm: :func:`lightrainer.constraints.apply_constraints_`) are
     projected first, in place, as their next forward pass would do.
 
     Args:
@@ -79,7 +81,10 @@ def export_onnx(
         outputs: indices of the outputs to keep when the method returns a tuple (e.g. 0 keeps
             the reconstruction of ``(recon, vq_loss, perplexity)``).
         verify: input batches (real validation data) to compare ONNX Runtime with PyTorch on.
-        task: "classification" adds the argmax agreement check to the verification.
+        checks: how the verification compares each output: "tolerance", "argmax" (class
+            scores) or "equal" (indices), see :class:`lightrainer.task.ExportOutput`; stored in
+            the model's "export_checks" metadata, so a later :func:`verify_onnx` compares the
+            same way (default: "tolerance" for each; integer outputs are compared by equality).
         tolerance: verification tolerance (default: by model kind, see :class:`Tolerance`).
 
     Returns:
@@ -112,6 +117,7 @@ def export_onnx(
                 f"output_names: {len(names)} names for {len(example_out)} outputs of {type(net).__name__}.{method}; "
                 "pass one name per output or select outputs with outputs=[...]"
             )
+        kinds = output_checks(names, checks)
         if dynamic_spatial is None:
             dynamic_spatial = x.dim() > 2 and _runs_at_other_size(view, x)
         axes = _dynamic_axes(x, example_out, input_names[0], names, dynamic_batch, dynamic_spatial)
@@ -119,7 +125,7 @@ def export_onnx(
         _set_metadata(
             model,
             {
-                **_base_metadata(x, axes.get(input_names[0], {}), dynamo, opset, method, selection, names),
+                **_base_metadata(x, axes.get(input_names[0], {}), dynamo, opset, method, selection, names, kinds),
                 **(metadata or {}),
             },
         )
@@ -127,11 +133,12 @@ def export_onnx(
             onnx.checker.check_model(model, full_check=True)
         except onnx.checker.ValidationError as err:
             raise ExportError(f"the exported model fails onnx.checker: {str(err).splitlines()[0]}") from err
-        with _staged(path) as tmp:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
             onnx.save(model, str(tmp))
             if verify is not None:
                 verify_onnx(
-                    tmp, cpu_net, verify, task=task, tolerance=tolerance,
+                    tmp, cpu_net, verify, checks=kinds, tolerance=tolerance,
                     report_path=companion_path(path, ".verify.json"), model_name=path.name,
                 )
     log.info("exported %s in %.2f s", path, time.perf_counter() - started)
@@ -248,13 +255,9 @@ def _exportable_quantizers(net: nn.Module, dynamo: bool) -> Iterator[dict | None
     """For a fake-quant network (pytorch-quantization or ModelOpt quantizers), swap the quantizers
     for exportable Q/DQ modules during the export (lightrainer.quant's context) and yield the
     dynamo translation table they need; a float network passes through (yields None)."""
-    from lightrainer.quant.base import iter_quantizers
-
     if next(iter_quantizers(net), None) is None:
         yield None
         return
-    from lightrainer.quant.qdq import qdq_export_context, qdq_translation_table
-
     with qdq_export_context(net, dynamo=dynamo):
         yield qdq_translation_table() if dynamo else None
 
@@ -355,10 +358,11 @@ def _base_metadata(
     method: str,
     outputs: tuple[int, ...] | None,
     output_names: list[str],
+    checks: list[str],
 ) -> dict[str, Any]:
     shape = [input_axes.get(d, int(size)) for d, size in enumerate(x.shape)]
     return {
-        "lightrainer_version": lightrainer.__version__,
+        "lightrainer_version": __version__,
         "torch_version": torch.__version__,
         "exporter": "dynamo" if dynamo else "torchscript",
         "opset": opset,
@@ -368,6 +372,7 @@ def _base_metadata(
         "output_names": output_names,
         "export_method": method,
         "export_outputs": list(outputs) if outputs is not None else None,
+        "export_checks": checks,
     }
 
 
@@ -380,16 +385,4 @@ def _set_metadata(model: onnx.ModelProto, metadata: Mapping[str, Any]) -> None:
         entry.key = str(key)
         entry.value = value if isinstance(value, str) else json.dumps(value)
     model.producer_name = "lightrainer"
-    model.producer_version = lightrainer.__version__
-
-
-@contextlib.contextmanager
-def _staged(path: Path) -> Iterator[Path]:
-    """A temporary name next to ``path``, moved onto ``path`` only when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    model.producer_version = __version__

@@ -1,4 +1,10 @@
-"""Weights file -> verified ONNX (and TensorRT engine): what the callback and ``lightrainer export`` run."""
+"""Weights file -> verified ONNX (and TensorRT engine, and int8 Q/DQ): what the callbacks,
+``lightrainer export`` and ``lightrainer ptq`` run.
+
+What a network exports is the task's declaration (:func:`lightrainer.task.export_spec_of`): one
+ONNX file per :class:`~lightrainer.task.ExportPart`, each verified by its outputs' declared checks.
+Nothing here names a task.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +14,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-import torch
 import yaml
 from torch import Tensor, nn
 
-from lightrainer.registry import EXPORT_FORMATS
+from lightrainer.config import Config
 from lightrainer.export.errors import ExportError
 from lightrainer.export.graph import PathLike, count_qdq_nodes
 from lightrainer.export.latency import LatencyRow, benchmark_latency
 from lightrainer.export.onnx import export_onnx
 from lightrainer.export.tensorrt import build_engine, check_tensorrt
-from lightrainer.export.view import cpu_eval
+from lightrainer.export.verify import load_report
+from lightrainer.export.view import ExportView, as_tensors, cpu_eval
+from lightrainer.quant.base import get_backend, iter_quantizers
+from lightrainer.quant.replace import is_quantized_state_dict, quantize_like
+from lightrainer.quant.workflow import PTQResult, check_quant_config, post_training_quantize, ptq_network
+from lightrainer.registry import EXPORT_FORMATS
+from lightrainer.task import ExportPart, ExportSpec, export_spec_of, task_name_of
+from lightrainer.weights import apply_weights, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -73,67 +85,10 @@ def check_format(fmt: str) -> str:
     return EXPORT_FORMATS.canonical(fmt)
 
 
-def load_weights(path: PathLike) -> dict[str, Any]:
-    """Read a lightrainer weights file (``weights/best.pt``) safely (``weights_only=True``).
-
-    Raises:
-        ExportError: the file is missing, unreadable, or not a dict holding a "model" state_dict.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"weights file not found: {path}: pass a run's weights/best.pt (e.g. runs/train/weights/best.pt)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - pickle, zip and torch errors all mean "not ours"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportError(
-            f"{path} is not a lightrainer weights file (torch.load failed: {reason[:200]}): "
-            "pass the weights/best.pt a lightrainer run wrote"
-        ) from None
-    model = ckpt.get("model") if isinstance(ckpt, dict) else None
-    if not isinstance(model, Mapping) or not all(isinstance(v, Tensor) for v in model.values()):
-        held = type(ckpt).__name__ if not isinstance(ckpt, dict) else f"a dict with keys {sorted(map(str, ckpt))[:6]}"
-        raise ExportError(
-            f"{path} is not a lightrainer checkpoint: expected a dict whose 'model' entry is a state_dict, "
-            f"found {held}; pass the weights/best.pt a lightrainer run wrote"
-        )
-    return ckpt
-
-
-def apply_weights(net: nn.Module, state: Mapping[str, Tensor], source: PathLike = "the weights file") -> None:
-    """Load ``state`` into ``net`` exactly (same keys, same shapes), or explain the mismatch.
-
-    Raises:
-        ExportError: missing/unexpected keys or shape mismatches (the first few of each).
-    """
-    own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = [f"{label} ({len(items)}): {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
-                 for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                      ("shape mismatches (file vs network)", shapes)) if items]
-        raise ExportError(
-            f"{source} was saved by a different model than {type(net).__name__}: " + "; ".join(parts)
-            + ". Build the network with the config the run used (its args.yaml) or pass that run's weights"
-        )
-    net.load_state_dict(state, strict=True)
-
-
-def task_name(module: Any) -> str:
-    """"classification" for ClassificationModule, "vqvae" for VQVAEModule, ... (or ``module.task``)."""
-    name = getattr(module, "task", None)
-    if isinstance(name, str):
-        return name
-    cls = type(module).__name__
-    return (cls[: -len("Module")] if cls.endswith("Module") and cls != "Module" else cls).lower()
-
-
 def run_metadata(module: Any, datamodule: Any, config: Mapping[str, Any] | None, ckpt: Mapping[str, Any]) -> dict[str, Any]:
-    """ONNX metadata of a run: task, classes, normalisation, the config and where the weights came from."""
-    meta: dict[str, Any] = {"task": task_name(module)}
+    """ONNX metadata of a run: the task's name (information only), classes, normalisation, the
+    config, where the weights came from, and the ``extra`` entries of the task's ExportSpec."""
+    meta: dict[str, Any] = {"task": task_name_of(type(module)), **export_spec_of(module).extra}
     for key, owner in (("num_classes", module), ("num_classes", datamodule), ("class_names", datamodule),
                        ("mean", datamodule), ("std", datamodule), ("pixel_scale", datamodule)):
         value = getattr(owner, key, None)
@@ -153,39 +108,66 @@ def _val_inputs(module: Any, datamodule: Any, max_batches: int | None) -> list[T
     return [module.example_input(batch).detach().cpu() for batch in batches]
 
 
-def _is_vqvae(net: nn.Module) -> bool:
-    return callable(getattr(net, "encode_codes", None)) and callable(getattr(net, "decode_codes", None))
+def part_path(path: PathLike, part: ExportPart) -> Path:
+    """Where ``part`` of a model exported as ``path`` goes: ``best.onnx`` + ".encoder" -> ``best.encoder.onnx``."""
+    stem = Path(path).with_suffix("")
+    return stem.with_name(stem.name + part.suffix + ".onnx")
 
 
-def export_model(
-    net: nn.Module, inputs: list[Tensor], path: PathLike, meta: Mapping[str, Any], task: str, dynamo: bool = False
+def export_part(
+    net: nn.Module, part: ExportPart, inputs: list[Tensor], path: PathLike, meta: Mapping[str, Any], dynamo: bool = False
 ) -> Path:
-    """Export a task's whole network to ``path``, verified on ``inputs`` (float, or Q/DQ when quantized).
+    """Export one declared part of ``net`` to ``path``, verified on ``inputs`` (float, or Q/DQ when quantized).
 
-    The input is called "images"; a classifier's output "logits"; a network returning a tuple (the
-    VQ-VAE's reconstruction, loss, perplexity) exports its first element as "reconstruction".
-    Spatial axes are dynamic where the network runs at another size.
+    The part names the method, the input and output names, the tuple outputs kept and each
+    output's check. Spatial axes are dynamic where the network runs at another size.
     """
-    return export_onnx(net, inputs[0], path, metadata=meta, dynamo=dynamo, input_names=("images",),
-                       dynamic_spatial=None, verify=inputs, task=task, **_selection(net, inputs[0], task))
+    return export_onnx(
+        net, inputs[0], path, metadata=meta, dynamo=dynamo, method=part.method, input_names=(part.input_name,),
+        output_names=[out.name for out in part.outputs], outputs=part.select,
+        checks=[out.check for out in part.outputs], dynamic_spatial=None, verify=inputs,
+    )
 
 
-def _export_net(net: nn.Module, inputs: list[Tensor], path: Path, meta: dict[str, Any], task: str, dynamo: bool) -> list[Path]:
-    """Export ``net`` to ``path`` (and a VQ-VAE's encoder and decoder beside it), each verified."""
-    whole = export_model(net, inputs, path, meta, task, dynamo)
-    if not _is_vqvae(net):
-        return [whole]
-    # VQ-VAE: also images -> codes and codes -> images.
-    common = dict(dynamo=dynamo, input_names=("images",), dynamic_spatial=None, verify=inputs, task=task)
-    stem = path.with_suffix("")
-    encoder = export_onnx(net, inputs[0], stem.with_name(stem.name + ".encoder.onnx"), method="encode_codes",
-                          metadata={**meta, "part": "encoder"}, output_names=("codes",), **common)
+def export_parts(
+    net: nn.Module, spec: ExportSpec, inputs: list[Tensor], path: PathLike, meta: Mapping[str, Any], dynamo: bool = False
+) -> list[Path]:
+    """Export every part of ``spec`` beside ``path`` (:func:`part_path`), each verified.
+
+    A part whose input comes from an earlier part (``input_from``: a decoder fed by the encoder's
+    codes) is exported and verified on that part's first output, computed in PyTorch.
+
+    Returns:
+        The files, in the spec's order (the first is the whole network).
+
+    Raises:
+        ExportError: a part fed by no earlier part, two parts with the same suffix, or a failed
+            export or verification.
+    """
+    written: list[Path] = []
+    fed: dict[str, tuple[ExportPart, list[Tensor]]] = {}
+    for part in spec.parts:
+        if part.suffix in fed:
+            raise ExportError(f"export_spec: two parts have the suffix {part.suffix!r}: give each part its own file")
+        part_inputs = inputs if part.input_from is None else _outputs_of(net, part, fed)
+        part_meta = {**meta, "part": part.suffix.lstrip(".") or None}
+        written.append(export_part(net, part, part_inputs, part_path(path, part), part_meta, dynamo))
+        fed[part.suffix] = (part, part_inputs)
+    return written
+
+
+def _outputs_of(net: nn.Module, part: ExportPart, fed: Mapping[str, tuple[ExportPart, list[Tensor]]]) -> list[Tensor]:
+    """The inputs of ``part``: the first output of its ``input_from`` part on that part's inputs."""
+    if part.input_from not in fed:
+        earlier = ", ".join(repr(s) for s in fed) or "none"
+        raise ExportError(
+            f"export_spec: part {part.suffix!r} takes its input from part {part.input_from!r}, which is not an "
+            f"earlier part (earlier: {earlier}); list the parts in the order they feed each other"
+        )
+    source, source_inputs = fed[part.input_from]
     with cpu_eval(net) as cpu_net:
-        codes = [cpu_net.encode_codes(x) for x in inputs]
-    decoder = export_onnx(net, codes[0], stem.with_name(stem.name + ".decoder.onnx"), method="decode_codes",
-                          metadata={**meta, "part": "decoder"}, output_names=("reconstruction",),
-                          **{**common, "input_names": ("codes",), "verify": codes})
-    return [whole, encoder, decoder]
+        view = ExportView(cpu_net, source.method, source.select)
+        return [as_tensors(view(x.cpu()))[0] for x in source_inputs]
 
 
 def export_from_weights(
@@ -205,8 +187,9 @@ def export_from_weights(
 ) -> ExportResult:
     """Load a run's weights into ``module.net``, export verified ONNX and optionally an engine.
 
-    Writes ``<stem>.onnx`` (a VQ-VAE also ``<stem>.encoder.onnx`` and ``<stem>.decoder.onnx``),
-    each with ``<name>.verify.json``; with ``fmt="engine"`` also ``<stem>.engine``. Weights of a
+    Writes one ONNX file per part of the task's export spec (:func:`export_parts`: ``<stem>.onnx``,
+    and e.g. a VQ-VAE's ``<stem>.encoder.onnx`` and ``<stem>.decoder.onnx``), each with
+    ``<name>.verify.json``; with ``fmt="engine"`` also ``<stem>.engine``. Weights of a
     quantized network (QAT) make ``<stem>.onnx`` a Q/DQ model. With ``int8`` a Q/DQ model is
     also made sure of, and an engine built from it: ``<stem>.onnx`` itself when the network is
     quantized, else ``<stem>_int8.onnx`` written by the PTQ callback, else PTQ runs here
@@ -252,8 +235,8 @@ def export_from_weights(
     meta = run_metadata(module, datamodule, config, ckpt)
     if _is_quantized(net):
         meta["quantized"] = "int8"
-    task = meta["task"]
-    result = ExportResult(onnx=_export_net(net, inputs, stem.with_suffix(".onnx"), meta, task, dynamo))
+    spec = export_spec_of(module)
+    result = ExportResult(onnx=export_parts(net, spec, inputs, stem.with_suffix(".onnx"), meta, dynamo))
     qdq_source = None
     if int8:
         qdq_source = _qdq_model(module, datamodule, cfg, result.onnx[0], stem, inputs, meta, quantize)
@@ -274,21 +257,15 @@ def load_net_weights(net: nn.Module, state: Mapping[str, Tensor], source: PathLi
         ``net``, or its quantized form.
 
     Raises:
-        ExportError: the weights were saved by a different model (see :func:`apply_weights`).
+        WeightsError: the weights were saved by a different model (see :func:`apply_weights`).
     """
-    from lightrainer.quant.replace import is_quantized_state_dict
-
     if is_quantized_state_dict(state):
-        from lightrainer.quant.replace import quantize_like
-
         net = quantize_like(net, state, backend)
     apply_weights(net, state, source)
     return net
 
 
 def _is_quantized(net: nn.Module) -> bool:
-    from lightrainer.quant.base import iter_quantizers
-
     return next(iter_quantizers(net), None) is not None
 
 
@@ -311,22 +288,71 @@ def _qdq_model(
     if quantize is None:
         if cfg is None:
             raise ExportError("int8 of a float network needs PTQ and a config (method, num_batches) to run it")
-        from lightrainer.quant.workflow import ptq_network
 
         def quantize(module: Any, datamodule: Any) -> nn.Module:
             return ptq_network(module, datamodule.train_dataloader(), cfg)
 
     log.info("int8: the network is float: post-training quantization first")
     qnet = quantize(module, datamodule)
-    return export_model(qnet, inputs, int8_onnx, {**meta, "quantized": "int8"}, meta["task"])
+    return export_part(qnet, export_spec_of(module).parts[0], inputs, int8_onnx, int8_metadata(meta, cfg))
 
 
-def _selection(net: nn.Module, x: Tensor, task: str) -> dict[str, Any]:
-    """Output choice and names: a tuple output (the VQ-VAE's) exports its first element."""
-    with cpu_eval(net) as cpu_net:
-        tuple_out = isinstance(cpu_net(x[:1]), (tuple, list))
-    names = ("logits",) if task == "classification" else ("reconstruction",) if tuple_out else ("output",)
-    return {"outputs": 0 if tuple_out else None, "output_names": names}
+def int8_metadata(meta: Mapping[str, Any], cfg: Config | None) -> dict[str, Any]:
+    """``meta`` for a Q/DQ model: marked int8, with the backend and method that calibrated it."""
+    marked = {**meta, "quantized": "int8"}
+    if cfg is not None:
+        marked.update(quant_backend=get_backend(cfg.quant_backend).name, quant_method=cfg.method)
+    return marked
+
+
+def export_int8(
+    module: Any, net: nn.Module, inputs: list[Tensor], run_dir: PathLike, cfg: Config, dynamo: bool = False
+) -> tuple[Path, dict[str, float]]:
+    """Write ``weights/best_int8.onnx`` (Q/DQ) of the fake-quant ``net``, verified in ONNX Runtime.
+
+    What PTQ (:func:`run_ptq`, the PTQ callback) and QAT export after calibrating or training:
+    the first part of the task's export spec (the whole network), verified against PyTorch
+    fake-quant on ``inputs`` with the Q/DQ tolerance, the file promoted only when it passes.
+    Its signature is :data:`lightrainer.quant.workflow.Int8Exporter`.
+
+    Returns:
+        The path and its parity: ``max_abs_diff`` and, where the first output is checked by
+        agreement, ``argmax_agreement`` ("argmax") or ``index_agreement`` ("equal"), 0..1.
+
+    Raises:
+        ExportError: the export fails or the Q/DQ model disagrees with PyTorch beyond the tolerance.
+    """
+    meta = int8_metadata(run_metadata(module, None, cfg.to_dict(), {}), cfg)
+    path = Path(run_dir) / "weights" / "best_int8.onnx"
+    export_part(net, export_spec_of(module).parts[0], inputs, path, meta, dynamo)
+    main = load_report(path).outputs[0]
+    parity = {"max_abs_diff": main.max_abs_diff}
+    if main.agreement is not None:
+        parity["argmax_agreement" if main.check == "argmax" else "index_agreement"] = main.agreement
+    log.info("Q/DQ ONNX %s vs PyTorch fake-quant: %s", path, ", ".join(f"{k}={v:.4g}" for k, v in parity.items()))
+    return path, parity
+
+
+def run_ptq(module: Any, datamodule: Any, cfg: Config, weights_path: PathLike) -> PTQResult:
+    """``lightrainer ptq --config X --weights RUN/weights/best.pt``: PTQ of trained weights.
+
+    Calibrates, compares FP32 with INT8 and writes what :func:`~lightrainer.quant.post_training_quantize`
+    writes, plus the verified Q/DQ ``weights/best_int8.onnx`` (:func:`export_int8`). Results go to
+    the weights' run folder (``RUN/``) unless ``cfg.run_dir`` is set.
+
+    Raises:
+        ConfigError: a bad quantization setting, a missing backend, quantized weights.
+        WeightsError: a weights file that does not exist, is not a lightrainer weights file, or was
+            saved by a different model (all before any work is done).
+    """
+    check_quant_config(cfg.replace(ptq=True, qat=False), module.net)
+    weights_path = Path(weights_path)
+    ckpt = load_weights(weights_path)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else weights_path.parent.parent
+    return post_training_quantize(
+        module, datamodule.train_dataloader(), datamodule.val_dataloader(), cfg, run_dir,
+        state_dict=ckpt["model"], exporter=export_int8,
+    )
 
 
 def benchmark_from_weights(

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -34,6 +33,7 @@ from typing import Any, Sequence, Union
 
 from lightrainer.export.errors import ExportError, MissingDependencyError
 from lightrainer.export.graph import PathLike, count_qdq_nodes, input_spec, load_graph, read_metadata
+from lightrainer.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -331,16 +331,12 @@ def build_engine(
     _check_precision(request)
     kind, backend = check_tensorrt()
     request.engine_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = request.engine_path.with_name(f".{request.engine_path.name}.tmp{os.getpid()}")
-    staged = EngineRequest(**{**request.__dict__, "engine_path": tmp})
-    try:
+    with atomic_path(request.engine_path) as tmp:
+        staged = EngineRequest(**{**request.__dict__, "engine_path": tmp})
         if kind == "api":
             _build_with_api(backend, engine_plan(TrtApi.of(backend), staged), staged)
         else:
             _build_with_trtexec(backend, staged)
-        os.replace(tmp, request.engine_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("built TensorRT engine %s (%s)", request.engine_path, kind)
     return request.engine_path
 

@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from lightrainer.export.errors import ExportError, MissingDependencyError
 from lightrainer.export.graph import PathLike, companion_path, count_qdq_nodes, load_graph, read_metadata
 from lightrainer.export.view import ExportView, as_tensors, cpu_eval
+from lightrainer.io import atomic_write
+from lightrainer.task import ExportOutput
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +27,11 @@ class Tolerance:
     """When ONNX Runtime's output counts as equal to PyTorch's.
 
     A float output passes when ``max|ort - torch| <= atol + rtol * max|torch|`` (the relative
-    part scales the bound to the output's magnitude); argmax agreement of a classifier's first
-    output must reach ``min_agreement``; the fraction of equal values of an integer output (VQ
-    code indices) must reach ``min_index_agreement``, lower because a vector equidistant from two
-    codes to within float rounding may pick either.
+    part scales the bound to the output's magnitude); the argmax agreement of an output declared
+    "argmax" (class scores) must reach ``min_agreement``; the fraction of equal values of an
+    output declared "equal", and of any integer output (VQ code indices), must reach
+    ``min_index_agreement``, lower because a vector equidistant from two codes to within float
+    rounding may pick either.
     """
 
     atol: float = 1e-4
@@ -56,9 +59,10 @@ class OutputCheck:
     max_abs_diff: float
     mean_abs_diff: float
     max_abs_ref: float
-    bound: float | None  # None for integer outputs (checked by agreement)
-    agreement: float | None  # fraction of equal values (integer outputs) or of equal argmax (classifier)
+    bound: float | None  # None for outputs checked by index agreement
+    agreement: float | None  # fraction of equal values ("equal") or of equal argmax ("argmax")
     passed: bool
+    check: str = "tolerance"  # the declared check: "tolerance", "argmax" or "equal"
 
 
 @dataclass
@@ -120,35 +124,58 @@ def ort_session(path: PathLike) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def output_checks(names: Sequence[str], checks: Sequence[str] | None) -> list[str]:
+    """One check per output (:class:`lightrainer.task.ExportOutput`): ``checks`` validated, or
+    "tolerance" for every output when None.
+
+    Raises:
+        ExportError: not one check per output, or a check that is not tolerance, argmax or equal.
+    """
+    if checks is None:
+        return ["tolerance"] * len(names)
+    if len(checks) != len(names):
+        raise ExportError(
+            f"checks: {len(checks)} checks for the {len(names)} outputs ({', '.join(names)}): give one per output"
+        )
+    try:
+        return [ExportOutput(name, str(check)).check for name, check in zip(names, checks)]
+    except ValueError as err:
+        raise ExportError(f"checks: {err}") from None
+
+
 def _inputs(batch: Any) -> Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 class _Stats:
-    """Running comparison of one output over batches."""
+    """Running comparison of one output over batches, by its declared check."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, kind: str) -> None:
         self.name = name
+        self.kind = kind
         self.max_diff = 0.0
         self.sum_diff = 0.0
         self.count = 0
         self.max_ref = 0.0
         self.equal = 0
         self.items = 0
-        self.integer = False
+        self.by_index = kind == "equal"
 
-    def update(self, got: np.ndarray, ref: np.ndarray, argmax: bool) -> None:
-        self.integer = not np.issubdtype(ref.dtype, np.floating)
-        if self.integer:
-            self.equal += int((got == ref).sum())
-            self.items += ref.size
-            diff = np.abs(got.astype(np.int64) - ref.astype(np.int64))
-        else:
+    def update(self, got: np.ndarray, ref: np.ndarray) -> None:
+        floating = np.issubdtype(ref.dtype, np.floating)
+        # Integer outputs (code indices) have no tolerance: their values must agree, whatever was declared.
+        self.by_index = self.by_index or not floating
+        if floating:
             both_nan = np.isnan(got) & np.isnan(ref)
             diff = np.where(both_nan, 0.0, np.abs(got.astype(np.float64) - ref.astype(np.float64)))
-            if argmax:
-                self.equal += int((got.argmax(1) == ref.argmax(1)).sum())
-                self.items += ref.shape[0]
+        else:
+            diff = np.abs(got.astype(np.int64) - ref.astype(np.int64))
+        if self.by_index:
+            self.equal += int((got == ref).sum())
+            self.items += ref.size
+        elif self.kind == "argmax" and ref.ndim and ref.shape[-1]:
+            self.equal += int((got.argmax(-1) == ref.argmax(-1)).sum())
+            self.items += ref.size // ref.shape[-1]
         if diff.size:
             self.max_diff = max(self.max_diff, float(diff.max()))
             self.max_ref = max(self.max_ref, float(np.abs(ref).max()))
@@ -157,11 +184,12 @@ class _Stats:
 
     def check(self, tol: Tolerance) -> OutputCheck:
         agreement = self.equal / self.items if self.items else None
-        bound = None if self.integer else tol.atol + tol.rtol * self.max_ref
-        needed = tol.min_index_agreement if self.integer else tol.min_agreement
+        bound = None if self.by_index else tol.atol + tol.rtol * self.max_ref
+        needed = tol.min_index_agreement if self.by_index else tol.min_agreement
         passed = (bound is None or self.max_diff <= bound) and (agreement is None or agreement >= needed)
         return OutputCheck(
-            self.name, self.max_diff, self.sum_diff / max(self.count, 1), self.max_ref, bound, agreement, passed
+            self.name, self.max_diff, self.sum_diff / max(self.count, 1), self.max_ref, bound, agreement, passed,
+            "equal" if self.by_index else self.kind,
         )
 
 
@@ -170,7 +198,7 @@ def verify_onnx(
     net: nn.Module,
     batches: Iterable[Any],
     *,
-    task: str | None = None,
+    checks: Sequence[str] | None = None,
     tolerance: Tolerance | None = None,
     max_batches: int | None = None,
     report_path: PathLike | None = None,
@@ -186,8 +214,9 @@ def verify_onnx(
         path: the ONNX file.
         net: the PyTorch network it was exported from (for a Q/DQ model: the fake-quant network).
         batches: input tensors, or batches whose first element is the input.
-        task: "classification" also checks argmax agreement of the first output (default: the
-            model's "task" metadata).
+        checks: how each output is compared, "tolerance", "argmax" or "equal" (see
+            :class:`lightrainer.task.ExportOutput`); default: the model's "export_checks"
+            metadata, else "tolerance" for every output.
         tolerance: default :meth:`Tolerance.qdq` for a model with Q/DQ nodes, else :meth:`Tolerance.fp32`.
         max_batches: compare on at most this many batches (None = all).
         report_path: where to write the JSON report (default ``<path>.verify.json``).
@@ -207,12 +236,13 @@ def verify_onnx(
     meta = read_metadata(graph)
     qdq = sum(count_qdq_nodes(graph).values()) > 0
     tol = tolerance or (Tolerance.qdq() if qdq else Tolerance.fp32())
-    task = task or meta.get("task")
+    if checks is None and meta.get("export_checks"):
+        checks = json.loads(meta["export_checks"])
     outputs = json.loads(meta["export_outputs"]) if meta.get("export_outputs", "null") != "null" else None
     session = ort_session(path)
     input_name = session.get_inputs()[0].name
     output_names = [o.name for o in session.get_outputs()]
-    stats = [_Stats(name) for name in output_names]
+    stats = [_Stats(name, kind) for name, kind in zip(output_names, output_checks(output_names, checks))]
     samples = used = 0
     with cpu_eval(net) as cpu_net:
         view = ExportView(cpu_net, meta.get("export_method", "forward"), outputs)
@@ -231,10 +261,10 @@ def verify_onnx(
                 ) from err
             if len(got) != len(ref):
                 raise ExportError(f"{path.name} has {len(got)} outputs, PyTorch returns {len(ref)}")
-            for i, (stat, g, r) in enumerate(zip(stats, got, ref)):
+            for stat, g, r in zip(stats, got, ref):
                 if g.shape != r.shape:
                     raise ExportError(f"{path.name}: output {stat.name} has shape {g.shape}, PyTorch {r.shape}")
-                stat.update(g, r, argmax=(task == "classification" and i == 0 and r.ndim == 2))
+                stat.update(g, r)
             samples += int(x.shape[0]) if x.dim() else 1
     if samples == 0:
         raise ExportError(f"no batches to verify {path.name} on: pass real validation batches")
@@ -253,7 +283,7 @@ def verify_onnx(
         onnxruntime=require_onnxruntime().__version__,
     )
     target = Path(report_path) if report_path is not None else companion_path(path, ".verify.json")
-    target.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    atomic_write(target, json.dumps(report.to_dict(), indent=2) + "\n")
     if not report.passed:
         log.error("%s", report.summary())
         if remove_on_fail:

@@ -16,7 +16,21 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from lightrainer.constraints import apply_constraints_
+
 IntOrPair = Union[int, tuple[int, int]]
+
+__all__ = [
+    "Conv",
+    "Conv2dWithConstraint",
+    "ConvWithConstraint",
+    "DWConvWithConstraint",
+    "LinearWithConstraint",
+    "SeparableConv",
+    "apply_constraints_",
+    "autopad",
+    "max_norm_",
+]
 
 
 def autopad(k: IntOrPair, p: Optional[IntOrPair] = None, d: int = 1) -> IntOrPair:
@@ -57,21 +71,6 @@ def max_norm_(weight: Tensor, max_norm: float) -> None:
         weight.copy_(torch.renorm(weight, p=2, dim=0, maxnorm=max_norm))
 
 
-def apply_constraints_(model: nn.Module) -> int:
-    """Project every constrained layer of ``model`` now (call before export or quantization).
-
-    Forward passes project the weights, except while tracing/exporting, and an optimizer step can
-    move them out again, so exporters call this first to export weights that satisfy the bound.
-
-    Returns:
-        The number of layers projected.
-    """
-    layers = [m for m in model.modules() if isinstance(m, (Conv2dWithConstraint, LinearWithConstraint))]
-    for layer in layers:
-        max_norm_(layer.weight, layer.max_norm)
-    return len(layers)
-
-
 class Conv(nn.Module):
     """Conv2d + BatchNorm2d + activation with "same" padding (Ultralytics' ``Conv``).
 
@@ -106,6 +105,8 @@ class _MaxNormConstraint:
     """Projects ``self.weight`` onto the max-norm ball before each forward (not while exporting).
 
     Mixed in before a torch layer, so quantized layers inserted after it in the MRO keep the rule.
+    A :class:`lightrainer.constraints.Constrained` module: export and calibration project it
+    through :func:`lightrainer.constraints.apply_constraints_`.
     """
 
     weight: Tensor
@@ -114,9 +115,13 @@ class _MaxNormConstraint:
         super().__init__(*args, **kwargs)
         self.max_norm = max_norm
 
+    def apply_constraint_(self) -> None:
+        """Project the weight onto the max-norm ball now."""
+        max_norm_(self.weight, self.max_norm)
+
     def forward(self, x: Tensor) -> Tensor:
         if not _exporting():
-            max_norm_(self.weight, self.max_norm)
+            self.apply_constraint_()
         return super().forward(x)
 
     def extra_repr(self) -> str:

@@ -8,17 +8,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightrainer.config import Config, ConfigError, TaskKey
+from lightrainer.callbacks.classification_plots import ClassificationPlots
+from lightrainer.config import Config, TaskKey, unit_interval
 from lightrainer.datamodules.mnist import MNIST5kDataModule
 from lightrainer.module import LightrainerModule, StepOutput
 from lightrainer.modules.nets import SmallCNN
 from lightrainer.task import ExportOutput, ExportPart, ExportSpec
-
-
-def _label_smoothing(key: str, value: float) -> float:
-    if not 0 <= value < 1:
-        raise ConfigError(f"{key}: must be in [0, 1), got {value!r}")
-    return value
 
 
 def _infer_num_classes(net: nn.Module) -> int:
@@ -45,7 +40,7 @@ class ClassificationModule(LightrainerModule):
     """
 
     task_name = "classification"
-    task_keys = {"label_smoothing": TaskKey(float, 0.0, _label_smoothing, "cross-entropy label smoothing")}
+    task_keys = {"label_smoothing": TaskKey(float, 0.0, unit_interval, "cross-entropy label smoothing")}
     metric_modes = {"loss": "min", "acc": "max", "acc_top5": "max"}
     fitness_key = "val/acc"
     fitness_mode = "max"
@@ -90,8 +85,6 @@ class ClassificationModule(LightrainerModule):
 
     def configure_callbacks(self) -> list:
         """Confusion matrix and worst-classified images at the end of fit (when ``plots``)."""
-        from lightrainer.callbacks.classification_plots import ClassificationPlots
-
         return [ClassificationPlots()] if self.cfg.plots else []
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
+from lightrainer.callbacks.recon import ReconstructionGrid
 from lightrainer.config import Config, ConfigError, TaskKey, at_least, choice
 from lightrainer.datamodules.photos import PhotoPatchesDataModule
 from lightrainer.module import LightrainerModule, StepOutput
@@ -267,8 +268,6 @@ class VQVAEModule(LightrainerModule):
         """The reconstruction grid and codebook histogram (``plots: True``)."""
         if not self.cfg.plots:
             return []
-        from lightrainer.callbacks.recon import ReconstructionGrid
-
         return [ReconstructionGrid(self.cfg)]
 
     def on_train_epoch_start(self) -> None:

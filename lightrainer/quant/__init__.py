@@ -41,9 +41,10 @@ from lightrainer.quant.replace import (
     register_quant_layer,
 )
 from lightrainer.quant.sensitivity import LayerSensitivity, quant_sensitivity, write_sensitivity
-from lightrainer.quant.workflow import PTQResult, check_quant_config, evaluate, post_training_quantize, run_ptq
+from lightrainer.quant.workflow import Int8Exporter, PTQResult, check_quant_config, evaluate, post_training_quantize
 
 __all__ = [
+    "Int8Exporter",
     "LayerSensitivity",
     "PTQResult",
     "check_quant_config",
@@ -54,7 +55,6 @@ __all__ = [
     "qdq_export_context",
     "qdq_translation_table",
     "quant_sensitivity",
-    "run_ptq",
     "write_sensitivity",
     "INSTALL_HINT",
     "CalibMethod",

@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightrainer.constraints import apply_constraints_
 from lightrainer.errors import ConfigError
-from lightrainer.registry import CALIBRATION_METHODS
 from lightrainer.quant.base import backend_of, is_weight_quantizer, iter_quantizers
+from lightrainer.registry import CALIBRATION_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +200,8 @@ def calibrate(
     if num_batches is not None and num_batches < 1:
         raise ConfigError(f"num_batches: must be >= 1 or None, got {num_batches}")
     backend = backend_of(net)
-    from lightrainer.modules.blocks import apply_constraints_
-
-    # Max-norm layers: the weight amax must be that of the projected weights the layer computes with.
+    # Constrained (max-norm) layers: the weight amax must be that of the projected weights the
+    # layer computes with.
     apply_constraints_(net)
     quantizers = list(iter_quantizers(net))
     device = next(net.parameters()).device
@@ -263,8 +263,6 @@ def refresh_weight_amax(net: nn.Module) -> None:
     the start would clip (and stop the gradients of) every weight that outgrows it. Max-norm
     layers are projected first, so the amax is that of the weights the forward pass will use.
     """
-    from lightrainer.modules.blocks import apply_constraints_
-
     apply_constraints_(net)
     for name, quantizer in iter_quantizers(net):
         amax = getattr(quantizer, "_amax", None)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lightrainer.config import ConfigError
 from lightrainer.quant.base import QuantBackend, backend_of, get_backend, iter_quantizers
+from lightrainer.quant.calibrate import set_amax
 
 #: factory(layer, backend) -> the quantized layer (it may modify ``layer`` in place and return it)
 QuantLayerFactory = Callable[[nn.Module, QuantBackend], nn.Module]
@@ -237,8 +238,6 @@ def quantize_like(net: nn.Module, state_dict: Mapping[str, Any], backend: str | 
     if todo:
         keep_float = [name for name in quantizable_layers(net) if name not in quantized]
         net = quantize_model(net, backend, keep_float=keep_float)
-    from lightrainer.quant.calibrate import set_amax
-
     modules = dict(net.named_modules())
     for key in amax_keys:
         quantizer, layer = modules.get(key[: -len("._amax")]), modules.get(key.rsplit(".", 2)[0])

@@ -9,6 +9,7 @@ Sorted worst (lowest output SQNR) first; written as CSV and a bar chart.
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import logging
 import math
@@ -20,6 +21,8 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from lightrainer.io import atomic_write
+from lightrainer.plots import _pyplot, save_figure
 from lightrainer.quant.base import iter_quantizers
 
 log = logging.getLogger(__name__)
@@ -132,22 +135,19 @@ def write_sensitivity(rows: list[LayerSensitivity], run_dir: str | os.PathLike, 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "quant_sensitivity.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["rank", "layer", "output_sqnr_db", "layer_sqnr_db"])
-        for rank, row in enumerate(rows, 1):
-            writer.writerow([rank, row.layer, f"{row.output_sqnr_db:.2f}", f"{row.layer_sqnr_db:.2f}"])
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["rank", "layer", "output_sqnr_db", "layer_sqnr_db"])
+    for rank, row in enumerate(rows, 1):
+        writer.writerow([rank, row.layer, f"{row.output_sqnr_db:.2f}", f"{row.layer_sqnr_db:.2f}"])
+    atomic_write(path, table.getvalue())
     if plot and rows:
         _plot(rows, run_dir / "quant_sensitivity.png")
     return path
 
 
 def _plot(rows: list[LayerSensitivity], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     finite = [v for r in rows for v in (r.output_sqnr_db, r.layer_sqnr_db) if math.isfinite(v)]
     cap = (max(finite) if finite else 100.0) + 5
     names = [r.layer for r in rows]
@@ -167,5 +167,4 @@ def _plot(rows: list[LayerSensitivity], path: Path) -> None:
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.5 / (1 + 0.4 * len(rows)) - 0.12), ncol=2, fontsize=8, frameon=False)
     ax.set_xlim(0, cap * 1.1)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

@@ -1,7 +1,9 @@
 """PTQ and QAT around a LightrainerModule: checks, evaluation, and what goes to the run folder.
 
 Shared by :class:`~lightrainer.callbacks.ptq.PTQCallback`, :class:`~lightrainer.callbacks.qat.QATCallback`
-and ``lightrainer ptq`` (:func:`run_ptq`).
+and ``lightrainer ptq`` (:func:`lightrainer.export.run_ptq`). The Q/DQ ONNX export sits a layer
+above (:func:`lightrainer.export.export_int8`); :func:`post_training_quantize` calls it through
+its ``exporter`` argument.
 """
 
 from __future__ import annotations
@@ -9,28 +11,35 @@ from __future__ import annotations
 import copy
 import csv
 import datetime as dt
+import io
 import itertools
 import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torchmetrics
 from torch import Tensor, nn
 
 from lightrainer.config import Config, ConfigError
+from lightrainer.io import atomic_torch_save, atomic_write
 from lightrainer.quant.base import QuantBackend, get_backend
 from lightrainer.quant.calibrate import CalibrationResult, calibrate, get_calib_method
 from lightrainer.quant.replace import is_quantized_state_dict, quantizable_layers, quantize_model
 from lightrainer.quant.sensitivity import quant_sensitivity, write_sensitivity
+from lightrainer.weights import apply_weights
 
 log = logging.getLogger(__name__)
 
 #: validation batches used for the sensitivity report and the ONNX Runtime verification of the Q/DQ model
 REPORT_BATCHES = 8
+
+#: ``exporter(module, qnet, inputs, run_dir, cfg) -> (onnx path, parity)``: writes the verified Q/DQ
+#: model of a calibrated network (:func:`lightrainer.export.export_int8`).
+Int8Exporter = Callable[[Any, nn.Module, list[Tensor], Path, Config], tuple[Path, dict[str, float]]]
 
 
 def check_quant_config(cfg: Config, net: nn.Module | None = None) -> QuantBackend | None:
@@ -166,16 +175,21 @@ def post_training_quantize(
     run_dir: str | os.PathLike,
     state_dict: dict[str, Tensor] | None = None,
     sensitivity: bool = True,
-    onnx: bool = True,
+    exporter: Int8Exporter | None = None,
 ) -> PTQResult:
     """PTQ of ``module.net`` (or of ``state_dict`` loaded into a copy): calibrate, compare, save.
 
     Writes to ``run_dir``: ``ptq_results.csv`` / ``ptq_results.md`` (FP32 vs INT8 for every val
     metric), ``quant_sensitivity.csv`` / ``.png``, ``weights/best_int8.pt`` (state_dict with amax,
-    ``torch.load(..., weights_only=True)``) and ``weights/best_int8.onnx`` (Q/DQ for TensorRT).
+    ``torch.load(..., weights_only=True)``) and, with ``exporter``
+    (:func:`lightrainer.export.export_int8`), ``weights/best_int8.onnx`` (Q/DQ for TensorRT).
 
     Returns:
         A :class:`PTQResult`.
+
+    Raises:
+        ConfigError: a bad quantization setting, quantized weights.
+        WeightsError: ``state_dict`` was saved by another network.
     """
     backend = check_quant_config(cfg.replace(ptq=True, qat=False), module.net)
     run_dir = Path(run_dir)
@@ -186,8 +200,6 @@ def post_training_quantize(
                 "ptq: these weights are quantized already (a QAT run or best_int8.pt): export them with "
                 "lightrainer export --weights ... (the ONNX model is Q/DQ)"
             )
-        from lightrainer.export.pipeline import apply_weights
-
         apply_weights(fp32, state_dict)
     fp32.eval()
     qnet, calibration = quantize_calibrated(copy.deepcopy(fp32), train_loader, cfg, module.example_input, backend)
@@ -200,8 +212,8 @@ def post_training_quantize(
         rows = quant_sensitivity(qnet, inputs)
         result.files.append(write_sensitivity(rows, run_dir, plot=cfg.plots))
     result.files += save_quantized(qnet, run_dir, cfg, extra={"ptq": _summary(result)})
-    if onnx:
-        onnx_path, result.onnx = export_int8(module, qnet, inputs, run_dir, cfg)
+    if exporter is not None:
+        onnx_path, result.onnx = exporter(module, qnet, inputs, run_dir, cfg)
         result.files.append(onnx_path)
     result.files += write_ptq_table(result, run_dir)
     return result
@@ -230,8 +242,6 @@ def best_weights(run_dir: str | os.PathLike, device: torch.device | str = "cpu")
 def save_quantized(net: nn.Module, run_dir: Path, cfg: Config, extra: dict[str, Any] | None = None) -> list[Path]:
     """Write ``weights/best_int8.pt``: the quantized state_dict (amax included), loadable with
     ``weights_only=True`` and :func:`lightrainer.quant.load_quantized_state_dict`."""
-    from lightrainer.callbacks.checkpoint import atomic_torch_save
-
     path = run_dir / "weights" / "best_int8.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -245,39 +255,6 @@ def save_quantized(net: nn.Module, run_dir: Path, cfg: Config, extra: dict[str, 
     return [path]
 
 
-def export_int8(
-    module: Any, net: nn.Module, inputs: list[Tensor], run_dir: Path, cfg: Config, dynamo: bool = False
-) -> tuple[Path, dict[str, float]]:
-    """Write ``weights/best_int8.onnx`` (Q/DQ) of the fake-quant ``net``, verified in ONNX Runtime.
-
-    The export is :func:`lightrainer.export.pipeline.export_model`'s (the one every ONNX model of
-    a run goes through): verification against PyTorch fake-quant on ``inputs`` with the Q/DQ
-    tolerance, the file promoted only when it passes.
-
-    Returns:
-        The path and its parity: ``max_abs_diff`` and, for a classifier, ``argmax_agreement`` (0..1).
-
-    Raises:
-        ExportError: the export fails or the Q/DQ model disagrees with PyTorch beyond the tolerance.
-    """
-    from lightrainer.export.pipeline import export_model, run_metadata
-    from lightrainer.export.verify import load_report
-
-    meta = {
-        **run_metadata(module, None, cfg.to_dict(), {}),
-        "quantized": "int8",
-        "quant_backend": get_backend(cfg.quant_backend).name,
-        "quant_method": cfg.method,
-    }
-    path = export_model(net, inputs, run_dir / "weights" / "best_int8.onnx", meta, meta["task"], dynamo)
-    main = load_report(path).outputs[0]
-    parity = {"max_abs_diff": main.max_abs_diff}
-    if main.agreement is not None:
-        parity["argmax_agreement"] = main.agreement
-    log.info("Q/DQ ONNX %s vs PyTorch fake-quant: %s", path, ", ".join(f"{k}={v:.4g}" for k, v in parity.items()))
-    return path, parity
-
-
 def write_ptq_table(result: PTQResult, run_dir: Path) -> list[Path]:
     """``ptq_results.csv`` and ``ptq_results.md``: FP32 vs INT8 per val metric; also logged."""
     rows = []
@@ -285,10 +262,11 @@ def write_ptq_table(result: PTQResult, run_dir: Path) -> list[Path]:
         fp32, int8 = result.fp32[key], result.int8.get(key, math.nan)
         rows.append((key, fp32, int8, int8 - fp32))
     csv_path, md_path = run_dir / "ptq_results.csv", run_dir / "ptq_results.md"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["metric", "fp32", "int8", "delta"])
-        writer.writerows([key, f"{a:.6g}", f"{b:.6g}", f"{d:+.6g}"] for key, a, b, d in rows)
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["metric", "fp32", "int8", "delta"])
+    writer.writerows([key, f"{a:.6g}", f"{b:.6g}", f"{d:+.6g}"] for key, a, b, d in rows)
+    atomic_write(csv_path, table.getvalue())
     lines = [
         f"PTQ int8 ({result.backend}, method {result.method}, {result.calibration.batches} calibration batches, "
         f"{result.calibration.seconds:.2f} s)",
@@ -300,27 +278,6 @@ def write_ptq_table(result: PTQResult, run_dir: Path) -> list[Path]:
     if result.onnx:
         lines += ["", "Q/DQ ONNX (ONNX Runtime) vs PyTorch fake-quant: "
                   + ", ".join(f"{k} {v:.4g}" for k, v in result.onnx.items())]
-    md_path.write_text("\n".join(lines) + "\n")
+    atomic_write(md_path, "\n".join(lines) + "\n")
     log.info("\n%s", "\n".join(lines))
     return [csv_path, md_path]
-
-
-def run_ptq(module: Any, datamodule: Any, cfg: Config, weights_path: str | os.PathLike) -> PTQResult:
-    """``lightrainer ptq --config X --weights RUN/weights/best.pt``: PTQ of trained weights.
-
-    Results go to the weights' run folder (``RUN/``) unless ``cfg.run_dir`` is set.
-
-    Raises:
-        ConfigError: a bad quantization setting, a missing backend, quantized weights.
-        ExportError: a weights file that does not exist, is not a lightrainer weights file, or was
-            saved by a different model (all before any work is done).
-    """
-    from lightrainer.export.pipeline import load_weights
-
-    check_quant_config(cfg.replace(ptq=True, qat=False), module.net)
-    weights_path = Path(weights_path)
-    ckpt = load_weights(weights_path)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else weights_path.parent.parent
-    return post_training_quantize(
-        module, datamodule.train_dataloader(), datamodule.val_dataloader(), cfg, run_dir, state_dict=ckpt["model"]
-    )
