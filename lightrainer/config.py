@@ -518,7 +518,6 @@ def field_docs() -> dict[str, tuple[Any, str]]:
 def dump_config(cfg: Config, path: Union[str, os.PathLike], extra: Mapping[str, Any] | None = None) -> None:
     """Write the config, its derived values and ``extra`` entries to a YAML file (args.yaml),
     atomically (:func:`lightrainer.io.atomic_write`)."""
-
     data = cfg.to_dict()
     data["derived"] = cfg.derived()
     if extra:

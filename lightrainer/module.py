@@ -138,6 +138,13 @@ class LightrainerModule(L.LightningModule):
         ``ema`` is on (those validated, and exported), else the network's (override to save part)."""
         return (self.ema.module if self.ema is not None else self.net).state_dict()
 
+    def attached_trainer(self) -> L.Trainer | None:
+        """The Trainer running this module, or None when it is used outside one."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
     def forward(self, x: Tensor) -> Any:
         return self.net(x)
 
@@ -338,7 +345,7 @@ class LightrainerModule(L.LightningModule):
             "pending_grads": pending,
             "config": self.cfg.to_dict(),
             "task": class_path_of(type(self)),
-            "run": run_record(self, getattr(self._trainer, "datamodule", None) if self._trainer else None,
+            "run": run_record(self, getattr(self.attached_trainer(), "datamodule", None),
                               self.cfg.to_dict()),
             "ema": self.ema.state_dict() if self.ema is not None else None,
         }

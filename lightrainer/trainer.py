@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -224,9 +225,8 @@ def resolve_strategy(world_size: int) -> str:
     """
     if world_size == 1:
         return "auto"
-    from lightning.fabric.utilities.imports import _IS_INTERACTIVE
-
-    if _IS_INTERACTIVE and launcher_layout() is None:
+    interactive = hasattr(sys, "ps1") or bool(sys.flags.interactive)  # a notebook or a REPL
+    if interactive and launcher_layout() is None:
         return "ddp_notebook"
     return "ddp"
 

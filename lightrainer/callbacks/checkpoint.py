@@ -141,7 +141,8 @@ class RunCheckpoint(Checkpoint):
         trainer.strategy.barrier()
 
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
-        trainer.save_checkpoint(self.dirpath / f"{name}.ckpt")
+        # weights_only=False: the full training state (Lightning logs a line per save otherwise).
+        trainer.save_checkpoint(self.dirpath / f"{name}.ckpt", weights_only=False)
         if trainer.is_global_zero:
             atomic_torch_save(weights_payload(trainer, pl_module, self.best_model_score), self.dirpath / f"{name}.pt")
 

@@ -282,7 +282,7 @@ class VQVAEModule(LightrainerModule):
 
     def _check_data(self) -> None:
         """Fail before training when the data's channels or patch size do not fit the network."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(self.attached_trainer(), "datamodule", None)
         shape = getattr(datamodule, "input_shape", None)
         if shape is None:
             return
