@@ -168,6 +168,8 @@ def build_from_config(cfg: Config) -> tuple[L.LightningModule, L.LightningDataMo
         data_spec = {"class_path": class_path_of(default)} if isinstance(default, type) else None
     datamodule = instantiate(data_spec, cfg, "data", L.LightningDataModule) if data_spec else None
     init_args = dict(model_spec.get("init_args") or {})
+    if init_args.get("net") is None:
+        init_args.pop("net", None)  # the parser fills the default None: the task's default_net
     inject: dict[str, Any] = {}
     if "net" in init_args:
         net_spec: Any = init_args["net"]

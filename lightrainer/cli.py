@@ -1,44 +1,49 @@
-"""The ``lightrainer`` command: LightningCLI over the flat YAML, plus export/ptq/benchmark.
+"""The ``lightrainer`` command: one jsonargparse parser over the flat YAML, every subcommand.
 
-``lightrainer fit|validate|test|predict --config FILE [--key value ...]`` reads the flat YAML of
-the original lightrainer (every seed key is also a flag), optionally with ``model:``/``data:``
-sections naming classes, and runs the Lightning Trainer. Every user mistake is caught before any
-work starts and reported in one paragraph with exit code 2.
+``lightrainer fit|validate|test|predict|export|ptq|benchmark [--config FILE ...] [--key value ...]``.
+jsonargparse (LightningCLI's parser) reads the command line and the config files once: the flat
+keys of the original lightrainer (and the task's own keys) are root keys, ``model:``/``data:``
+are class sections typed by the classes' signatures, ``trainer:`` is typed by
+``lightning.Trainer``; several ``--config`` merge as in LightningCLI, and a later flag overrides.
+lightrainer's own validation then runs on what the parser produced. Every user mistake ends in
+exit code 2 and one line naming the key, before any folder exists.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
+import re
 import sys
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from jsonargparse import ActionConfigFile, ActionYesNo, Namespace
+from lightning.pytorch.cli import LightningArgumentParser
 
 from lightrainer.build import build_from_config, instantiate, rebuild
 from lightrainer.config import (
     _FIELDS,
     Config,
     ConfigError,
-    _closest_hint,
     _read_yaml,
     _task_class,
     _unknown_key,
+    config_yaml,
     field_docs,
     load_config,
 )
-from lightrainer.export.errors import ExportError, MissingDependencyError
+from lightrainer.errors import ExportError, MissingDependencyError, closest_hint
 from lightrainer.export.pipeline import benchmark_from_weights, export_from_weights, run_ptq
 from lightrainer.quant.workflow import check_quant_config
+from lightrainer.registry import EXPORT_FORMATS
 from lightrainer.task import task_keys_of
-from lightrainer.trainer import build_trainer
-from lightrainer.weights import load_weights
+from lightrainer.trainer import build_trainer, trainer_arg_problems
+from lightrainer.version import __version__
+from lightrainer.weights import apply_weights, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -52,32 +57,41 @@ _SECTIONS_BY_WORD = {
     "num_nodes": "#multi-gpu-and-multi-node",
     "lpips": "#the-vq-vae-task-image-generation",
     "class_path": "#the-command-line",
+    "trainer.": "#the-command-line",
     "method": "#quantization-ptq-and-qat",
     "ptq": "#quantization-ptq-and-qat",
     "qat": "#quantization-ptq-and-qat",
     "quant": "#quantization-ptq-and-qat",
 }
-USAGE = """usage: lightrainer COMMAND [options]
+USAGE = """usage: lightrainer COMMAND [--config FILE ...] [--key value ...]
 
 Train a PyTorch model from one flat YAML file, on PyTorch Lightning.
 
 commands:
   fit        train:                 lightrainer fit --config configs/mnist.yaml [--epochs 3 ...]
-  validate   validate weights:      lightrainer validate --config FILE --ckpt_path RUN/weights/best.ckpt
-  test       test weights:          lightrainer test --config FILE --ckpt_path RUN/weights/best.ckpt
-  predict    predict:               lightrainer predict --config FILE --ckpt_path RUN/weights/best.ckpt
+  validate   validate weights:      lightrainer validate --ckpt_path RUN/weights/best.ckpt
+  test       test weights:          lightrainer test --ckpt_path RUN/weights/best.pt
+  predict    predict:               lightrainer predict --ckpt_path RUN/weights/best.ckpt
   export     ONNX / TensorRT:       lightrainer export --weights RUN/weights/best.pt --format onnx
-  ptq        int8 calibration:      lightrainer ptq --config FILE --weights RUN/weights/best.pt
+  ptq        int8 calibration:      lightrainer ptq --weights RUN/weights/best.pt --method max
   benchmark  latency table:         lightrainer benchmark --weights RUN/weights/best.pt
 
-Every YAML key is also a flag (--batch 64). Resume a run: lightrainer fit --config FILE --resume.
+Every YAML key is also a flag (--batch 64); several --config files merge, later ones win.
+Resume a run: lightrainer fit --config FILE --resume. --version prints the version.
 'lightrainer COMMAND --help' lists the options of a command; the README has a table of every key."""
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TOOL_SUBCOMMANDS = ("export", "ptq", "benchmark")
-# Arguments of Trainer.fit/validate/test/predict that LightningCLI adds to each subcommand.
-_METHOD_FLAGS = {"ckpt_path", "verbose", "return_predictions", "weights_only"}
+SUBCOMMANDS = LIGHTNING_SUBCOMMANDS + TOOL_SUBCOMMANDS
+#: Flat keys a resumed run may change: where it runs, how it logs, how long it trains, what it
+#: does after. Any other key differing from the checkpoint's is refused.
+RESUMABLE_KEYS = frozenset({
+    "device", "devices", "num_nodes", "num_workers", "epochs", "patience", "save_dir", "name", "exist_ok",
+    "tensorboard", "wandb", "wandb_project", "wandb_offline", "plots", "compile", "channels_last",
+    "deterministic", "ptq", "num_batches", "method", "percentile", "quant_backend", "export", "trt_quant",
+})
 
 
+# ---------------------------------------------------------------------------------- the parser
 def flat_keys(task: type | None = None) -> list[str]:
     """Every flat key of a run of ``task``: the built-in ones and those the task declares."""
     return list(_FIELDS) + sorted(task_keys_of(task))
@@ -93,164 +107,269 @@ def add_import_path(folder: str | Path) -> None:
         sys.path.append(folder)
 
 
-# ---------------------------------------------------------------------------------- preflight
-def _split_flag(arg: str, argv: list[str], i: int) -> tuple[str, Optional[str], int]:
-    """``--key=value`` or ``--key value`` -> (key, value, next index)."""
-    body = arg[2:]
-    if "=" in body:
-        key, value = body.split("=", 1)
-        return key, value, i + 1
-    if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-        return body, argv[i + 1], i + 2
-    return body, None, i + 1
-
-
-def _set_section_flag(merged: dict[str, Any], key: str, value: Optional[str]) -> None:
-    """``--trainer '{...}'`` replaces a section; ``--trainer.limit_train_batches 5`` sets one entry."""
-    parsed = yaml.safe_load(value) if value is not None else True
-    root, _, path = key.partition(".")
-    if not path:
-        if not isinstance(parsed, dict):
-            raise ConfigError(f"--{root}: expected a mapping like '{{key: value}}', got {value!r}")
-        merged[root] = parsed
-        return
-    node = merged.setdefault(root, {})
-    parts = path.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = parsed
-
-
-@dataclass
-class Command:
-    """A Lightning subcommand's validated config, and what else its command line asked for."""
-
-    cfg: Config
-    ckpt_path: Optional[str]
-    passthrough: list[str]
-    print_config: bool
-    #: The checkpoint's ``lightrainer`` entry when the run is rebuilt from it (no --config).
-    rebuild_from: Optional[dict[str, Any]] = None
-
-
-def read_command_config(argv: list[str], subcommand: str = "fit") -> Command:
-    """Validate the config files and flags of a Lightning subcommand before anything runs.
-
-    The ``model:`` section's class is imported first (from the YAML's folder or the working
-    folder too), so the keys its task declares are known: validated, settable as flags, and a
-    misspelling gets the closest key. Without ``--config``, ``validate``/``test``/``predict`` take
-    the run's config from the checkpoint's record.
+def make_parser(subcommand: str, task: type | None) -> LightningArgumentParser:
+    """The parser of one subcommand: exactly the options that work there.
 
     Args:
-        argv: the arguments after the subcommand.
-        subcommand: fit, validate, test or predict.
-
-    Returns:
-        The config, ckpt_path, the arguments for LightningCLI, --print_config, and the
-        checkpoint's record when the run is rebuilt from it.
-
-    Raises:
-        ConfigError: a missing/malformed file, an unknown key or flag, a bad value.
+        subcommand: one of :data:`SUBCOMMANDS`.
+        task: the task class whose own keys are root keys too.
     """
-    merged: dict[str, Any] = {}
-    flags: list[tuple[str, Any, list[str]]] = []
-    ckpt_path: Optional[str] = None
-    print_config = False
-    passthrough: list[str] = []
-    configs = 0
-    add_import_path(Path.cwd())
+    parser = LightningArgumentParser(
+        prog=f"lightrainer {subcommand}", exit_on_error=False, default_env=False, allow_abbrev=False,
+        description=f"lightrainer {subcommand}: flat keys (as in the YAML), model:/data: class sections"
+        + (", trainer: Lightning Trainer arguments" if subcommand in LIGHTNING_SUBCOMMANDS else ""),
+    )
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="a YAML config file (repeatable: merged in order)")
+    docs = field_docs()
+    name = task.__name__ if task is not None else "the task"
+    docs.update({k: (spec.default, f"{spec.doc} ({name} key)") for k, spec in task_keys_of(task).items()})
+    for key in flat_keys(task):
+        default, doc = docs[key]
+        parser.add_argument(f"--{key}", type=Any, default=default, help=doc)
+    parser.add_subclass_arguments(L.LightningModule, "model", required=False, skip={"cfg"},
+                                  help="the task: class_path and init_args (default: the task key's task)")
+    parser.add_subclass_arguments(L.LightningDataModule, "data", required=False, skip={"cfg"},
+                                  help="the data: class_path and init_args (default: the task's default_datamodule)")
+    if subcommand in LIGHTNING_SUBCOMMANDS:
+        parser.add_lightning_class_args(L.Trainer, "trainer")
+        parser.add_argument("--seed_everything", type=Optional[int], default=None,
+                            help="LightningCLI's name for the seed key (the two must agree)")
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                            help="a run's .ckpt (or, for validate/test/predict, its weights/*.pt)")
+    if subcommand == "fit":
+        parser.add_argument("--resume", action=ActionYesNo, default=False,
+                            help="continue the newest run save_dir/name[N] from its last complete checkpoint")
+    if subcommand in TOOL_SUBCOMMANDS:
+        parser.add_argument("--weights", type=str, required=True, help="a run's weights file: RUN/weights/best.pt")
+    if subcommand == "export":
+        parser.add_argument("--format", type=str, default="onnx", help=f"one of {', '.join(EXPORT_FORMATS)}")
+        parser.add_argument("--int8", action=ActionYesNo, default=False, help="engine: int8 from a Q/DQ model")
+        parser.add_argument("--fp16", action=ActionYesNo, default=False, help="engine: fp16 kernels")
+    return parser
+
+
+# ---------------------------------------------------------------------------------- pre-scan
+@dataclass
+class _Scan:
+    """What the command line names before it is parsed: the files to import classes from, the task."""
+
+    configs: list[Path] = field(default_factory=list)
+    merged: dict[str, Any] = field(default_factory=dict)
+    flags: dict[str, Any] = field(default_factory=dict)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _scan(args: list[str]) -> _Scan:
+    """Find the ``--config`` files and the flags that choose the task (``--model``, ``--task``,
+    ``--ckpt_path``, ``--weights``, ``--save_dir``, ``--name``), so the task's class is imported
+    and its keys known before the one parse. Files are read with the config's safe reader."""
+    scan = _Scan()
     i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-c", "--config") or arg.startswith("--config="):
-            path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
-            if path is None:
-                raise ConfigError("--config needs a file path")
-            merged.update(_read_yaml(Path(path)))
-            add_import_path(Path(path).parent)
-            configs += 1
-            i += 1 if "=" in arg else 2
-            continue
-        if arg.startswith("--print_config"):
-            print_config = True
-            i += 1
-            continue
-        if arg == "--resume":
-            ckpt_path = "last"
-            i += 1
-            continue
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: flags look like --epochs 3")
-        key, value, nxt = _split_flag(arg, argv, i)
-        root = key.split(".", 1)[0]
-        if key == "ckpt_path":
-            ckpt_path = value
-        elif root in ("model", "data", "trainer"):
-            _set_section_flag(merged, key, value)
-        elif key in _METHOD_FLAGS or key in ("help", "h"):
-            passthrough += argv[i:nxt]
+    while i < len(args):
+        arg = args[i]
+        key, value, step = arg, None, 1
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value, step = args[i + 1], 2
+        if key in ("-c", "--config") and value is not None:
+            path = Path(value)
+            scan.merged = _deep_merge(scan.merged, _read_yaml(path))
+            scan.configs.append(path)
+            add_import_path(path.parent)
+        elif key.startswith("--") and value is not None:
+            scan.flags[key[2:]] = value
+        i += step
+    return scan
+
+
+def _scan_task(scan: _Scan) -> type | None:
+    """The task class the command line names (imported), as :func:`lightrainer.load_config` decides."""
+    raw = {k: v for k, v in scan.merged.items()}
+    flags = scan.flags
+    model = flags.get("model.class_path") or flags.get("model")
+    if model and not str(model).lstrip().startswith("{"):
+        raw["model"] = {"class_path": model}
+    elif model:
+        raw["model"] = yaml.safe_load(model)
+    if "task" in flags:
+        raw["task"] = flags["task"]
+    return _task_class(raw, None)
+
+
+# ---------------------------------------------------------------------------------- errors
+def _condense(err: BaseException, task: type | None, keys: list[str]) -> ConfigError:
+    """jsonargparse's multi-line message -> one line naming the key (and the closest one)."""
+    text = str(err)
+    unknown = re.search(r"unrecognized arguments: --([\w.\-]+)", text) or re.search(r"Option '([\w.\-]+)' is not accepted", text)
+    if unknown:
+        key = unknown.group(1)
+        if "." in key:
+            root, _, rest = key.partition(".")
+            return ConfigError(f"unknown {'flag --' if 'unrecognized' in text else 'key '}{key}: {root} has no {rest!r}"
+                               + (" (see lightrainer fit --help)" if root == "trainer" else ""))
+        message = str(_unknown_key(key, task, keys))
+        if "unrecognized" in text:
+            message = message.replace(f"unknown key {key!r}", f"unknown flag --{key}", 1)
+        return ConfigError(message)
+    missing = re.search(r"expected one argument", text)
+    if missing:
+        flag = re.search(r"argument (--[\w.]+)", text)
+        return ConfigError(f"{flag.group(1) if flag else 'a flag'} needs a value: --key VALUE or --key=VALUE")
+    where = re.search(r'Parser key "([\w.]+)"', text)
+    required = re.search(r"the following arguments are required: ([\w., ]+)", text)
+    given = re.search(r"Given value: (.+)", text)
+    reasons = [r.strip() for r in re.findall(r"- (Expected [^\n]+|Problem with given class_path [^\n]+|Import path [^\n]+)", text)]
+    key = where.group(1) if where else "config"
+    if required:
+        names = required.group(1).strip()
+        hint = (" (give model: init_args: net: class_path: ..., or let the task's __init__ default net to None "
+                "so its default_net builds it)") if names == "net" else ""
+        return ConfigError(f"{key}: the class needs argument(s) {names}{hint}")
+    if reasons or given:
+        reason = "; ".join(dict.fromkeys(r for r in reasons if "NoneType" not in r)) or "invalid value"
+        return ConfigError(f"{key}: {reason}" + (f", got {given.group(1).strip()}" if given else ""))
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return ConfigError(first)
+
+
+# ---------------------------------------------------------------------------------- one command
+@dataclass
+class Command:
+    """A parsed and validated command line."""
+
+    subcommand: str
+    cfg: Config
+    namespace: Namespace
+    parser: LightningArgumentParser
+    trainer_args: dict[str, Any] = field(default_factory=dict)
+    ckpt_path: Optional[str] = None
+    resume: bool = False
+    print_config: Optional[str] = None
+    #: A run's file the run is rebuilt from (no --config / model: section): its payload.
+    rebuild_from: Optional[dict[str, Any]] = None
+    rebuild_source: Optional[Path] = None
+
+
+def _print_config_flag(args: list[str]) -> tuple[list[str], Optional[str]]:
+    """Take ``--print_config[=flags]`` out of the arguments (lightrainer prints after validating)."""
+    rest, flags = [], None
+    for arg in args:
+        if arg == "--print_config" or arg.startswith("--print_config="):
+            flags = arg.partition("=")[2]
         else:
-            flags.append((key, yaml.safe_load(value) if value is not None else True, argv[i:nxt]))
-        i = nxt
-    overrides = {key: value for key, value, _ in flags}
-    if not configs and subcommand != "fit" and ckpt_path not in (None, "last") and not {"model", "data"} & set(merged):
-        payload = _payload_of_checkpoint(ckpt_path)
-        _, _, cfg = rebuild(payload, **overrides)  # validates the record and the flags
-        cfg.sections.update(merged)
-        return Command(cfg, ckpt_path, passthrough + [r for _, _, raw in flags for r in raw], print_config, payload)
-    task = _task_class({**merged, **overrides}, None)
-    keys = set(flat_keys(task))
-    for key, _, raw in flags:
-        if key not in keys:
-            raise _unknown_flag(key, task, keys)
-        passthrough += raw
-    cfg = load_config(merged, task_class=task, **overrides)
-    return Command(cfg, ckpt_path, passthrough, print_config)
+            rest.append(arg)
+    return rest, flags
 
 
-def _unknown_flag(key: str, task: type | None, keys: set[str]) -> ConfigError:
-    message = str(_unknown_key(key, task, sorted(keys | _METHOD_FLAGS)))
-    return ConfigError(message.replace(f"unknown key {key!r}", f"unknown flag --{key}", 1))
+def _payload(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``lightrainer`` entry, or a weights file, as data; or a clear error."""
+    if path.suffix == ".ckpt":
+        checkpoint = read_checkpoint(path)
+        return checkpoint["lightrainer"]
+    return load_weights(path)
 
 
-def _payload_of_checkpoint(ckpt_path: str) -> dict[str, Any]:
-    """The ``lightrainer`` entry of a checkpoint (its record), for validate/test/predict without --config."""
-    path = check_checkpoint(ckpt_path)
-    return torch.load(path, map_location="cpu", weights_only=True)["lightrainer"]
-
-
-def find_last_checkpoint(cfg: Config) -> Path:
-    """The newest complete ``weights/last.ckpt`` among the runs ``save_dir/name*``.
-
-    A checkpoint that does not read back (a run killed by a crash the atomic writes could not
-    cover, a disk that filled up) is skipped with a warning, and the next newest one is used.
+def parse_command(subcommand: str, args: list[str]) -> Command:
+    """Parse and validate one subcommand's command line (nothing is created).
 
     Raises:
-        ConfigError: there is none, or none is complete.
+        ConfigError: any user mistake, as one line naming the key.
     """
-    candidates = sorted(
-        Path(cfg.save_dir).glob(f"{cfg.name}*/weights/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True
-    )
-    if not candidates:
-        raise ConfigError(
-            f"--resume / --ckpt_path last: no {cfg.save_dir}/{cfg.name}*/weights/last.ckpt to resume from"
-        )
-    for path in candidates:
-        try:
-            return check_checkpoint(path)
-        except ConfigError as err:
-            warnings.warn(f"--resume: skipping {path}: {err}", stacklevel=2)
-    raise ConfigError(
-        f"--resume: none of {len(candidates)} checkpoint(s) {cfg.save_dir}/{cfg.name}*/weights/last.ckpt "
-        "is complete; start a new run or pass --ckpt_path"
+    args, print_flags = _print_config_flag(args)
+    add_import_path(Path.cwd())
+    scan = _scan(args)
+    sections_given = bool({"model", "data"} & set(scan.merged)) or any(k.split(".")[0] in ("model", "data") for k in scan.flags)
+    source = scan.flags.get("weights") if subcommand in TOOL_SUBCOMMANDS else scan.flags.get("ckpt_path")
+    rebuild_from = None
+    if source and not scan.configs and not sections_given and subcommand != "fit":
+        rebuild_from = _payload(Path(source))
+        _, _, recorded = rebuild(rebuild_from)  # classes checked; the record's config validated
+        task, defaults = recorded.task_class, recorded.to_dict()
+    else:
+        task, defaults = _scan_task(scan), {}
+    parser = make_parser(subcommand, task)
+    if defaults:
+        parser.set_defaults(**defaults)
+    keys = flat_keys(task)
+    try:
+        namespace = parser.parse_args(args)
+    except SystemExit:
+        raise
+    except Exception as err:  # noqa: BLE001 - jsonargparse's ArgumentError and friends: a user mistake
+        raise _condense(err, task, keys) from None
+    values = namespace.as_dict()
+    raw: dict[str, Any] = {key: values[key] for key in keys}
+    for section in ("model", "data"):
+        if values.get(section) is not None:
+            raw[section] = values[section]
+    trainer_args = _given_trainer_args(parser, values)
+    if trainer_args:
+        raw["trainer"] = trainer_args
+    seed_everything = values.get("seed_everything")
+    if seed_everything not in (None, False):
+        if "seed" in _explicit_keys(scan) and int(raw["seed"]) != int(seed_everything):
+            raise ConfigError(f"seed_everything: {seed_everything} and seed: {raw['seed']} disagree: give seed only")
+        raw["seed"] = seed_everything
+    cfg = load_config(raw, task_class=task)
+    problems = trainer_arg_problems(cfg, trainer_args)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    _check_trainer_values(trainer_args)
+    return Command(
+        subcommand, cfg, namespace, parser, trainer_args,
+        ckpt_path=values.get("ckpt_path"), resume=bool(values.get("resume")), print_config=print_flags,
+        rebuild_from=rebuild_from, rebuild_source=Path(source) if rebuild_from is not None else None,
     )
 
 
-def check_checkpoint(path: str | Path) -> Path:
-    """A lightrainer Lightning checkpoint that exists and loads, or a clear error.
+def _check_trainer_values(trainer_args: dict[str, Any]) -> None:
+    """Let Lightning judge the plain Trainer values (``limit_train_batches: -1``) now, by building
+    a throwaway Trainer, so a bad one stops the command before any folder exists."""
+    plain = {k: v for k, v in trainer_args.items() if not _names_class(v) and k not in ("strategy", "plugins")}
+    if not plain:
+        return
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        L.Trainer(**{**plain, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                     "enable_model_summary": False})
+    except Exception as err:  # noqa: BLE001 - MisconfigurationException, ValueError, TypeError: the values
+        raise ConfigError(f"trainer: {str(err).strip().splitlines()[0]}") from None
+    finally:
+        quiet.setLevel(level)
+
+
+def _names_class(value: Any) -> bool:
+    if isinstance(value, dict):
+        return "class_path" in value
+    return isinstance(value, (list, tuple)) and any(_names_class(v) for v in value)
+
+
+def _explicit_keys(scan: _Scan) -> set[str]:
+    return set(scan.merged) | set(scan.flags)
+
+
+def _given_trainer_args(parser: LightningArgumentParser, values: dict[str, Any]) -> dict[str, Any]:
+    """The Trainer arguments the user set (those that differ from the Trainer's defaults)."""
+    given = values.get("trainer") or {}
+    defaults = (parser.get_defaults().as_dict().get("trainer") or {}) if given else {}
+    return {k: v for k, v in given.items() if k in defaults and v != defaults[k]}
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A lightrainer Lightning checkpoint, loaded as data (``weights_only=True``), or a clear error.
 
     Raises:
-        ConfigError: missing, unreadable/truncated, or not written by lightrainer.
+        ConfigError: missing, unreadable/damaged, or not a lightrainer checkpoint.
     """
     path = Path(path)
     if not path.is_file():
@@ -258,149 +377,181 @@ def check_checkpoint(path: str | Path) -> Path:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure here means the file is unusable
-        raise ConfigError(f"--ckpt_path: {path} is not a readable checkpoint (corrupt or truncated?): {err}") from None
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        if "weights_only" in reason or "Unsupported global" in reason or "WeightsUnpickler" in reason:
+            reason = "it holds objects that are not plain data"
+        raise ConfigError(
+            f"--ckpt_path: {path} is not a lightrainer checkpoint, or it is damaged (corrupt or truncated?): {reason}"
+        ) from None
     if not isinstance(checkpoint, dict) or "lightrainer" not in checkpoint or "state_dict" not in checkpoint:
         raise ConfigError(
             f"--ckpt_path: {path} was not written by lightrainer: resume from <run>/weights/last.ckpt"
         )
-    return path
+    return checkpoint
 
 
-def resolve_ckpt(cfg: Config, ckpt_path: Optional[str]) -> Optional[Path]:
-    """``last`` -> the newest run checkpoint; a path -> checked."""
-    if ckpt_path in (None, "", "None", "null"):
-        return None
-    if ckpt_path == "last":
-        return find_last_checkpoint(cfg)
-    return check_checkpoint(ckpt_path)
+def check_checkpoint(path: str | Path) -> Path:
+    """``path`` when it is a complete lightrainer checkpoint (see :func:`read_checkpoint`)."""
+    read_checkpoint(path)
+    return Path(path)
 
 
-# ---------------------------------------------------------------------------------- LightningCLI
-def _lightning_cli_class() -> type:
-    class LightrainerCLI(LightningCLI):
-        """LightningCLI whose root keys are the flat lightrainer keys."""
-
-        def __init__(self, cfg: Config, ckpt: Optional[Path], args: list[str],
-                     rebuild_from: Optional[dict[str, Any]] = None) -> None:
-            self._cfg = cfg
-            self._ckpt = ckpt
-            self._rebuild_from = rebuild_from
-            with warnings.catch_warnings():
-                # We always pass args (already validated); LightningCLI warns when sys.argv is set too.
-                warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
-                self._run_lightning_cli(args)
-
-        def _run_lightning_cli(self, args: list[str]) -> None:
-            super().__init__(
-                model_class=None,
-                datamodule_class=None,
-                save_config_callback=None,
-                seed_everything_default=False,
-                auto_configure_optimizers=False,
-                parser_kwargs={"prog": "lightrainer", "description": "Train from a flat lightrainer YAML."},
-                args=args,
-            )
-
-        def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-            parser.add_argument("--model", type=Optional[dict], default=None, help="model: class_path/init_args")
-            parser.add_argument("--data", type=Optional[dict], default=None, help="data: class_path/init_args")
-            parser.add_argument("--trainer", type=Optional[dict], default=None, help="extra lightning.Trainer args")
-
-        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-            docs = field_docs()
-            task = self._cfg.task_class
-            name = task.__name__ if task is not None else "the task"
-            docs.update({k: (spec.default, f"{spec.doc} ({name} key)") for k, spec in task_keys_of(task).items()})
-            for key in flat_keys(task):
-                default, doc = docs[key]
-                parser.add_argument(f"--{key}", type=Any, default=default, help=doc)
-
-        def instantiate_classes(self) -> None:
-            self.config_init = self.config
-            cfg = self._cfg
-            if self.subcommand != "fit":
-                cfg.name = f"{cfg.name}_{self.subcommand}"
-            L.seed_everything(cfg.seed, workers=True, verbose=False)
-            if self._rebuild_from is not None:
-                # No --config: the run re-opens from its checkpoint's record (classes checked).
-                self.model, self.datamodule, rebuilt = rebuild(self._rebuild_from, **cfg.to_dict())
-                rebuilt.sections.update(cfg.sections)
-                cfg = rebuilt
-            else:
-                self.model, self.datamodule = build_from_config(cfg)
-            if self.subcommand == "fit" and (cfg.ptq or cfg.qat or cfg.trt_quant):
-                # The network is known now: refuse one with nothing to quantize before the run
-                # folder exists.
-                check_quant_config(cfg.replace(ptq=cfg.ptq or not cfg.qat), getattr(self.model, "net", None))
-            run_dir = self._ckpt.parent.parent if (self._ckpt and self.subcommand == "fit") else None
-            trainer_args = {
-                key: instantiate(value, cfg, f"trainer.{key}")
-                for key, value in (cfg.sections.get("trainer") or {}).items()
-            }
-            self.trainer = build_trainer(cfg, run_dir=run_dir, **trainer_args)
-            sub = self.config[self.subcommand]
-            sub["ckpt_path"] = str(self._ckpt) if self._ckpt else None
-            if "weights_only" in sub and sub["weights_only"] is None:
-                sub["weights_only"] = True  # our checkpoints hold tensors and plain values only
-
-    return LightrainerCLI
+def _run_folders(cfg: Config) -> list[Path]:
+    """``save_dir/name`` and its numbered siblings (``name2``, ``name3``, ..., or ``name-2``),
+    never another name that merely starts the same."""
+    root = Path(cfg.save_dir)
+    if not root.is_dir():
+        return []
+    pattern = re.compile(rf"^{re.escape(cfg.name)}(-?\d+)?$")
+    return [p for p in root.iterdir() if p.is_dir() and pattern.match(p.name)]
 
 
-# ---------------------------------------------------------------------------------- tools
-def _tool_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lightrainer", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="tool", required=True)
-    export = sub.add_parser("export", help="export weights to ONNX (verified) or a TensorRT engine")
-    export.add_argument("--weights", required=True, help="<run>/weights/best.pt")
-    export.add_argument("--format", default="onnx", help="onnx | engine")
-    export.add_argument("--config", default=None, help="YAML (default: the config saved in the weights)")
-    export.add_argument("--int8", action="store_true", help="engine: int8 from a Q/DQ model")
-    export.add_argument("--fp16", action="store_true", help="engine: fp16")
-    ptq = sub.add_parser("ptq", help="post-training quantization of trained weights")
-    ptq.add_argument("--weights", required=True)
-    ptq.add_argument("--config", default=None, help="YAML (default: the config saved in the weights)")
-    bench = sub.add_parser("benchmark", help="latency table: PyTorch, ONNX Runtime (FP32, Q/DQ), TensorRT")
-    bench.add_argument("--weights", required=True)
-    bench.add_argument("--config", default=None)
-    return parser
+def find_last_checkpoint(cfg: Config) -> Path:
+    """The newest complete checkpoint among the runs ``save_dir/name[N]``: each run's
+    ``weights/last.ckpt``, or its ``best.ckpt`` when ``last.ckpt`` is missing or damaged.
+
+    Raises:
+        ConfigError: there is none, or none is complete.
+    """
+    candidates = [p for run in _run_folders(cfg) for p in (run / "weights" / "last.ckpt", run / "weights" / "best.ckpt")
+                  if p.is_file()]
+    candidates.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    if not candidates:
+        raise ConfigError(f"--resume / --ckpt_path last: no {cfg.save_dir}/{cfg.name}[N]/weights/last.ckpt to resume from")
+    for path in candidates:
+        try:
+            return check_checkpoint(path)
+        except ConfigError as err:
+            log.warning("--resume: skipping %s: %s", path, err)
+    raise ConfigError(
+        f"--resume: none of {len(candidates)} checkpoint(s) of {cfg.save_dir}/{cfg.name}[N] is complete; "
+        "start a new run or pass --ckpt_path"
+    )
 
 
-def _run_for_weights(weights: str, config: Optional[str]) -> tuple[Any, Any, Config]:
-    """The task module, datamodule and config of a weights file: rebuilt from the file's own
-    record (classes checked before anything is called), or built from ``--config``."""
-    payload = load_weights(weights)
-    if config:
-        add_import_path(Path(config).parent)
-        cfg = load_config(config)
+def resume_differences(asked: Config, saved: Config) -> list[str]:
+    """The keys that change training and differ between the command line and the checkpoint.
+
+    A pure decision: ``RESUMABLE_KEYS`` may differ (they are recorded); any other flat key, and
+    the ``model:``/``data:`` sections, may not.
+    """
+    mine, theirs = asked.to_dict(), saved.to_dict()
+    changed = [f"{k}: {theirs.get(k)!r} in the checkpoint, {v!r} asked" for k, v in mine.items()
+               if k not in RESUMABLE_KEYS and theirs.get(k) != v]
+    for section in ("model", "data"):
+        if section in asked.sections and asked.sections.get(section) != saved.sections.get(section, asked.sections[section]):
+            changed.append(f"{section}: differs from the checkpoint's")
+    return changed
+
+
+def _resumed(command: Command) -> tuple[Config, Path, dict[str, Any]]:
+    """The config, checkpoint and record of a resumed fit: the checkpoint's config, with the
+    resumable keys of the command line.
+
+    Raises:
+        ConfigError: no checkpoint, another task's checkpoint, or training keys that differ.
+    """
+    cfg = command.cfg
+    path = find_last_checkpoint(cfg) if command.resume or command.ckpt_path == "last" else check_checkpoint(command.ckpt_path)
+    payload = read_checkpoint(path)["lightrainer"]
+    _, _, saved = rebuild(payload)
+    if saved.task_class is not cfg.task_class:
+        raise ConfigError(
+            f"--ckpt_path: {path} is a checkpoint of {saved.task_class.__name__}, not of {cfg.task_class.__name__}: "
+            "resume a run with the config it was trained with"
+        )
+    differences = resume_differences(cfg, saved)
+    if differences:
+        raise ConfigError(
+            f"--resume: the command line changes how the run in {path.parent.parent} trains ({'; '.join(differences)}); "
+            f"a resumed run keeps its checkpoint's config (only {', '.join(sorted(RESUMABLE_KEYS))} may change): "
+            "drop those keys, or start a new run"
+        )
+    allowed = {k: v for k, v in cfg.to_dict().items() if k in RESUMABLE_KEYS and k not in ("save_dir", "name", "exist_ok")}
+    changes = {k: (saved.to_dict().get(k), v) for k, v in allowed.items() if saved.to_dict().get(k) != v}
+    _, _, effective = rebuild(payload, **allowed)
+    effective.sections.update({k: v for k, v in cfg.sections.items() if k == "trainer"})
+    if changes:
+        log.info("resuming %s with %s", path, ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+    return effective, path, payload
+
+
+# ---------------------------------------------------------------------------------- running
+def print_config(cfg: Config, flags: str | None) -> None:
+    """``--print_config[=skip_null]``: the validated config as a YAML that ``fit --config`` reads
+    back, with the derived values as comments."""
+    print(config_yaml(cfg, skip_null=bool(flags and "skip_null" in flags)), end="")
+
+
+def _trainer_kwargs(cfg: Config) -> dict[str, Any]:
+    """The Trainer arguments of the ``trainer:`` section, their classes built (callbacks, loggers)."""
+    return {key: instantiate(value, cfg, f"trainer.{key}") for key, value in (cfg.sections.get("trainer") or {}).items()}
+
+
+def run_lightning(command: Command) -> int:
+    """fit / validate / test / predict."""
+    cfg, sub = command.cfg, command.subcommand
+    ckpt: Optional[Path] = None
+    run_dir: Optional[Path] = None
+    if sub == "fit" and (command.resume or command.ckpt_path):
+        cfg, ckpt, payload = _resumed(command)
+        module, datamodule, _ = rebuild(payload, **{k: v for k, v in cfg.to_dict().items()})
+        module.cfg.sections.update(cfg.sections)
+        cfg = module.cfg
+        run_dir = ckpt.parent.parent
+    elif command.rebuild_from is not None:
+        module, datamodule, cfg = rebuild(command.rebuild_from, **command.cfg.to_dict())
+        cfg.sections.update({k: v for k, v in command.cfg.sections.items() if k == "trainer"})
+    else:
         module, datamodule = build_from_config(cfg)
-    else:
-        module, datamodule, cfg = rebuild(payload)
-    cfg.run_dir = str(Path(weights).parent.parent)
-    return module, datamodule, cfg
-
-
-def run_tool(argv: list[str]) -> int:
-    """``lightrainer export|ptq|benchmark``."""
-    args = _tool_parser().parse_args(argv)
-    add_import_path(Path.cwd())
-    module, datamodule, cfg = _run_for_weights(args.weights, args.config)
-    if args.tool == "export":
-        export_from_weights(module, datamodule, cfg, args.weights, fmt=args.format, int8=args.int8, fp16=args.fp16)
-    elif args.tool == "ptq":
-        run_ptq(module, datamodule, cfg, args.weights)
-    else:
-        benchmark_from_weights(module, datamodule, cfg, args.weights)
+    if command.print_config is not None:
+        print_config(cfg, command.print_config)
+        return 0
+    if sub == "fit" and (cfg.ptq or cfg.qat or cfg.trt_quant):
+        # The network is known now: refuse one with nothing to quantize before the run folder exists.
+        check_quant_config(cfg.replace(ptq=cfg.ptq or not cfg.qat), getattr(module, "net", None))
+    weights_file = None
+    if sub != "fit" and command.ckpt_path:
+        path = Path(command.ckpt_path)
+        if path.suffix == ".ckpt":
+            ckpt = check_checkpoint(path)
+        else:
+            weights_file = path
+            apply_weights(module.net, load_weights(path)["model"], path)
+    if sub != "fit":
+        cfg.name = f"{cfg.name}_{sub}"
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    trainer = build_trainer(cfg, run_dir=run_dir, **_trainer_kwargs(cfg))
+    if weights_file is not None:
+        log.info("%s: weights from %s", sub, weights_file)
+    method = getattr(trainer, sub)
+    # weights_only: our checkpoints hold tensors and plain values only.
+    method(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     return 0
 
 
-def _help_config(argv: list[str]) -> Config:
-    """The config whose task's keys ``--help`` lists: that of the ``--config`` files when they
-    read, else the defaults (the main job's task)."""
-    without_help = [a for a in argv if a not in ("-h", "--help")]
-    try:
-        return read_command_config(without_help).cfg
-    except ConfigError:
-        return load_config()
+def run_tool(command: Command) -> int:
+    """export / ptq / benchmark, on a run rebuilt from its weights file or built from the config."""
+    values = command.namespace.as_dict()
+    weights = values["weights"]
+    if command.rebuild_from is not None:
+        module, datamodule, cfg = rebuild(command.rebuild_from, **command.cfg.to_dict())
+    else:
+        load_weights(weights)  # a clear error for a bad file before anything is built
+        cfg = command.cfg
+        module, datamodule = build_from_config(cfg)
+    if command.print_config is not None:
+        print_config(cfg, command.print_config)
+        return 0
+    cfg.run_dir = str(Path(weights).parent.parent)
+    if command.subcommand == "export":
+        export_from_weights(module, datamodule, cfg, weights, fmt=values["format"], int8=values["int8"],
+                            fp16=values["fp16"])
+    elif command.subcommand == "ptq":
+        run_ptq(module, datamodule, cfg, weights)
+    else:
+        benchmark_from_weights(module, datamodule, cfg, weights)
+    return 0
 
 
 # ---------------------------------------------------------------------------------- entry point
@@ -427,34 +578,50 @@ def _is_user_error(err: Exception) -> bool:
     # The project's own error types (quantization, tasks) subclass ValueError.
     return isinstance(err, ValueError) and type(err).__module__.startswith("lightrainer.")
 
+
+def _help(subcommand: str, args: list[str]) -> int:
+    """``COMMAND --help``: the options of the command, with the keys of the config's task."""
+    try:
+        scan = _scan([a for a in args if a not in ("-h", "--help")])
+        task = _scan_task(scan)
+    except ConfigError:
+        task = load_config().task_class
+    make_parser(subcommand, task).print_help()
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the ``lightrainer`` command; returns the exit code (2 for a user error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"lightrainer {__version__}")
+        return 0
+    if not argv or argv[0] not in SUBCOMMANDS:
+        what = f"unknown command {argv[0]!r}" + closest_hint(argv[0], SUBCOMMANDS) if argv else "no command given"
+        print(f"lightrainer: error: {what}; one of {', '.join(SUBCOMMANDS)} (lightrainer --help)", file=sys.stderr)
+        return 2
+    subcommand, args = argv[0], argv[1:]
     try:
-        if argv and argv[0] in TOOL_SUBCOMMANDS:
-            return run_tool(argv)
-        if not argv or argv[0] not in LIGHTNING_SUBCOMMANDS:
-            print(USAGE, file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
-            return 0 if argv and argv[0] in ("-h", "--help") else 2
-        if any(a in ("-h", "--help") for a in argv):
-            _lightning_cli_class()(_help_config(argv[1:]), None, argv)
-            return 0
-        command = read_command_config(argv[1:], argv[0])
-        cfg = command.cfg
-        if command.print_config:
-            data = cfg.to_dict()
-            data["derived"] = cfg.derived()
-            print(yaml.safe_dump({**data, **cfg.sections}, sort_keys=False), end="")
-            return 0
-        ckpt = resolve_ckpt(cfg, command.ckpt_path)
-        _lightning_cli_class()(cfg, ckpt, [argv[0], *command.passthrough], command.rebuild_from)
+        if any(a in ("-h", "--help") for a in args):
+            return _help(subcommand, args)
+        command = parse_command(subcommand, args)
+        if subcommand in TOOL_SUBCOMMANDS:
+            return run_tool(command)
+        return run_lightning(command)
     except Exception as err:  # noqa: BLE001 - user errors become exit 2, anything else re-raises
         if not _is_user_error(err):
             raise
-        print(f"lightrainer: error: {err}\n(see {readme_section(err)})", file=sys.stderr)
+        message = " ".join(str(err).split())  # one line
+        print(f"lightrainer: error: {message} (see {readme_section(err)})", file=sys.stderr)
         return 2
-    return 0
+
+
+__all__ = ["Command", "find_last_checkpoint", "main", "make_parser", "parse_command", "read_checkpoint",
+           "resume_differences"]
 
 
 if __name__ == "__main__":

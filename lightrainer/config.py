@@ -33,7 +33,7 @@ from lightrainer.task import (
 
 __all__ = [
     "CLI_SECTIONS", "Config", "ConfigError", "ExtraKey", "TaskKey", "at_least", "choice", "dump_config",
-    "field_docs", "fraction", "import_class", "load_config", "positive", "register_task_keys", "seed_all",
+    "config_yaml", "field_docs", "fraction", "import_class", "load_config", "positive", "register_task_keys", "seed_all",
     "unit_interval",
 ]
 
@@ -516,10 +516,17 @@ def field_docs() -> dict[str, tuple[Any, str]]:
 
 
 def dump_config(cfg: Config, path: Union[str, os.PathLike], extra: Mapping[str, Any] | None = None) -> None:
-    """Write the config, its derived values and ``extra`` entries to a YAML file (args.yaml),
-    atomically (:func:`lightrainer.io.atomic_write`)."""
-    data = cfg.to_dict()
-    data["derived"] = cfg.derived()
-    if extra:
-        data["derived"].update(extra)
-    atomic_write(path, yaml.safe_dump(data, sort_keys=False))
+    """Write the config to a YAML file (args.yaml) that ``lightrainer fit --config`` reads back:
+    every flat key, the ``model:``/``data:``/``trainer:`` sections, then the derived values and
+    ``extra`` entries as comments (not read back). Written atomically."""
+    atomic_write(path, config_yaml(cfg, extra))
+
+
+def config_yaml(cfg: Config, extra: Mapping[str, Any] | None = None, skip_null: bool = False) -> str:
+    """The YAML text of :func:`dump_config` (and of ``--print_config``)."""
+    data = {**cfg.to_dict(), **cfg.sections}
+    if skip_null:
+        data = {k: v for k, v in data.items() if v is not None}
+    derived = {**cfg.derived(), **(extra or {})}
+    comments = "".join(f"#   {k}: {v}\n" for k, v in derived.items())
+    return yaml.safe_dump(data, sort_keys=False) + "# derived values (comments: not read back):\n" + comments

@@ -83,10 +83,15 @@ class LightrainerModule(L.LightningModule):
             "(model: init_args: net: class_path: ...) or override default_net"
         )
 
-    def __init__(self, net: nn.Module, cfg: Config) -> None:
+    def __init__(self, net: nn.Module | None = None, cfg: Config | None = None) -> None:
+        # net defaults to None only so that a YAML may leave it out: lightrainer.build then gives
+        # the task's default_net. A module is never built without one.
         super().__init__()
         if not isinstance(net, nn.Module):
-            raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
+            raise TypeError(
+                f"net must be a torch.nn.Module, got {type(net).__name__}: pass the network, or build the "
+                "task with lightrainer.build.build_from_config(cfg) to get its default_net"
+            )
         if not isinstance(cfg, Config):
             raise TypeError("cfg must be a lightrainer Config: build it with lightrainer.load_config(...)")
         cfg.bind_task(type(self))

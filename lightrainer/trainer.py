@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -429,3 +430,68 @@ def build_trainer(cfg: Config, run_dir: str | os.PathLike | None = None, **train
         kwargs["logger"] = _loggers(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     return L.Trainer(callbacks=callbacks, **kwargs)
+
+
+#: Trainer arguments the engine sets from flat keys: the key to use instead.
+ENGINE_OWNED_TRAINER_ARGS = {
+    "accumulate_grad_batches": "nbs (accumulate = max(round(nbs / batch), 1), ramped during warmup)",
+    "gradient_clip_val": "grad_clip",
+    "gradient_clip_algorithm": "grad_clip (the gradient norm is clipped)",
+    "max_epochs": "epochs",
+    "default_root_dir": "save_dir and name",
+    "accelerator": "device (cpu, a GPU id list, or empty for auto)",
+    "devices": "device or devices",
+    "num_nodes": "num_nodes",
+    "sync_batchnorm": "sync_bn",
+    "deterministic": "deterministic",
+}
+#: Packages a Trainer option needs: (what the option names, the module, the pip install).
+_NEEDS_PACKAGE = (
+    ("deepspeed", "deepspeed", "pip install deepspeed"),
+    ("MLFlowLogger", "mlflow", "pip install mlflow"),
+    ("WandbLogger", "wandb", 'pip install "lightrainer[wandb]"'),
+    ("CometLogger", "comet_ml", "pip install comet-ml"),
+    ("NeptuneLogger", "neptune", "pip install neptune"),
+    ("TensorBoardLogger", "tensorboard", 'pip install "lightrainer[tensorboard]"'),
+    ("xla", "torch_xla", "pip install torch_xla"),
+    ("transformer-engine", "transformer_engine", "pip install transformer-engine"),
+)
+
+
+def _names_in(value: Any) -> list[str]:
+    """The strings and class paths a Trainer option's value names."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [str(value.get("class_path", ""))]
+    if isinstance(value, (list, tuple)):
+        return [name for item in value for name in _names_in(item)]
+    return []
+
+
+def trainer_arg_problems(cfg: Config, trainer_args: dict[str, Any]) -> list[str]:
+    """What is wrong with the ``trainer:`` arguments of a config, before anything is built.
+
+    A pure decision: the engine's own arguments (with the key to use instead; ``max_epochs``
+    only when it differs from ``epochs``), and strategies, loggers, profilers and precisions
+    whose package or device is missing (naming what to install or the device needed).
+
+    Returns:
+        One message per problem (empty: nothing wrong).
+    """
+    problems = []
+    for key, use in ENGINE_OWNED_TRAINER_ARGS.items():
+        if key not in trainer_args or (key == "max_epochs" and trainer_args[key] == cfg.epochs):
+            continue
+        problems.append(f"trainer.{key} is set by lightrainer from its own key: use {use} instead")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for key in ("strategy", "logger", "profiler", "precision", "plugins"):
+        for name in _names_in(trainer_args.get(key)):
+            for marker, module, install in _NEEDS_PACKAGE:
+                if marker.lower() in name.lower() and importlib.util.find_spec(module) is None:
+                    problems.append(f"trainer.{key}: {name} needs the {module} package: {install}")
+            if key == "strategy" and "fsdp" in name.lower() and not gpus:
+                problems.append(f"trainer.strategy: {name} needs CUDA GPUs (this machine has none): drop it")
+            if key == "precision" and name.startswith("16") and not gpus:
+                problems.append(f"trainer.precision: {name} needs a CUDA GPU; on the CPU use bf16-mixed or 32-true")
+    return problems

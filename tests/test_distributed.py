@@ -258,8 +258,6 @@ def test_torchrun_and_slurm_layouts_come_from_the_environment(monkeypatch, no_la
 
 
 def test_strategy_for_scripts_and_notebooks(monkeypatch, no_launcher) -> None:
-    import lightning.fabric.utilities.imports as imports
-
     assert resolve_strategy(1) == "auto" and resolve_strategy(2) == "ddp"
-    monkeypatch.setattr(imports, "_IS_INTERACTIVE", True)
+    monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)  # what a notebook kernel or a REPL sets
     assert resolve_strategy(2) == "ddp_notebook"  # Lightning's "ddp" cannot re-run a notebook

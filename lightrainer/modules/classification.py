@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch.nn.functional as F
@@ -9,11 +10,16 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightrainer.callbacks.classification_plots import ClassificationPlots
-from lightrainer.config import Config, TaskKey, unit_interval
+from lightrainer.config import Config, ConfigError, TaskKey, unit_interval
+from lightrainer.datamodules.augment import WithAugmentKeys, augment_values
 from lightrainer.datamodules.mnist import MNIST5kDataModule
 from lightrainer.module import LightrainerModule, StepOutput
+from lightrainer.modules.augment_preview import AugmentPreview
+from lightrainer.modules.backbones import backbone_normalization, build_backbone, check_net
 from lightrainer.modules.nets import SmallCNN
 from lightrainer.task import ExportOutput, ExportPart, ExportSpec
+
+log = logging.getLogger(__name__)
 
 
 def _infer_num_classes(net: nn.Module) -> int:
@@ -31,24 +37,40 @@ class ClassificationModule(LightrainerModule):
     """Cross-entropy classification of any ``nn.Module`` that returns logits.
 
     Logs loss, top-1 accuracy (``val/acc``) and, with at least 5 classes, top-5 accuracy
-    (``val/acc_top5``). Fitness is ``val/acc``. Its key: ``label_smoothing``.
+    (``val/acc_top5``). Fitness is ``val/acc``. Its keys: ``label_smoothing``; ``net`` and
+    ``pretrained`` (a timm or torchvision backbone by name, :mod:`lightrainer.modules.backbones`);
+    the augmentation keys (:mod:`lightrainer.datamodules.augment`, applied by the datamodule to
+    training batches; with ``mixup``/``cutmix`` the training targets are class probabilities).
 
     Args:
         net: the network; ``net(x)`` returns logits of shape (N, num_classes).
         cfg: the validated config (``label_smoothing`` applies to the loss).
         num_classes: class count; read from ``net.num_classes`` or its last Linear when omitted.
+
+    Raises:
+        ConfigError: the YAML names a backbone (``net``) and another network was given.
     """
 
     task_name = "classification"
-    task_keys = {"label_smoothing": TaskKey(float, 0.0, unit_interval, "cross-entropy label smoothing")}
+    task_keys = WithAugmentKeys({
+        "label_smoothing": TaskKey(float, 0.0, unit_interval, "cross-entropy label smoothing"),
+        "net": TaskKey(str, None, check_net, "backbone by name: timm/NAME or torchvision/NAME (None: SmallCNN)"),
+        "pretrained": TaskKey(bool, False, None, "load the backbone's pretrained weights (local cache only)"),
+    })
     metric_modes = {"loss": "min", "acc": "max", "acc_top5": "max"}
     fitness_key = "val/acc"
     fitness_mode = "max"
     default_datamodule = MNIST5kDataModule
     export_spec = ExportSpec(parts=(ExportPart(input_name="images", outputs=(ExportOutput("logits", "argmax"),)),))
 
-    def __init__(self, net: nn.Module, cfg: Config, num_classes: int | None = None) -> None:
+    def __init__(self, net: nn.Module | None = None, cfg: Config | None = None, num_classes: int | None = None) -> None:
         super().__init__(net, cfg)
+        named = cfg.extra("net")
+        if named is not None and getattr(net, "lightrainer_backbone", None) != named:
+            raise ConfigError(
+                f"net: the config names the backbone {named} but the task was given another network "
+                f"({type(net).__name__}): keep one (the net key, or a model: init_args: net: section)"
+            )
         self.num_classes = num_classes or _infer_num_classes(net)
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
@@ -58,10 +80,36 @@ class ClassificationModule(LightrainerModule):
 
     @classmethod
     def default_net(cls, cfg: Config, datamodule: Any) -> nn.Module:
-        """The network the CLI trains when the YAML names none: SmallCNN sized to the data."""
+        """The network the CLI trains when the YAML names none in a ``model:`` section: the
+        backbone of the ``net`` key, else SmallCNN; sized to the data's classes and channels.
+
+        With ``pretrained: True`` the weights come from the local cache, and a datamodule that
+        can (``adopt_normalization``) normalises as they expect.
+
+        Raises:
+            ConfigError: ``pretrained`` without a backbone, or weights not in the local cache.
+        """
         num_classes = getattr(datamodule, "num_classes", None) or 10
-        in_channels = (getattr(datamodule, "input_shape", None) or (1,))[0]
-        return SmallCNN(num_classes=num_classes, in_channels=in_channels)
+        shape = tuple(getattr(datamodule, "input_shape", None) or (1,))
+        name, pretrained = cfg.extra("net"), cfg.extra("pretrained")
+        if name is None:
+            if pretrained:
+                raise ConfigError("pretrained: True needs a backbone with pretrained weights: name one "
+                                  "(net: timm/resnet18 or net: torchvision/resnet18); the default SmallCNN has none")
+            return SmallCNN(num_classes=num_classes, in_channels=shape[0])
+        net = build_backbone(name, num_classes, shape[0], shape[1:] if len(shape) == 3 else None, pretrained)
+        adopt = getattr(datamodule, "adopt_normalization", None)
+        if pretrained and callable(adopt):
+            adopt(*backbone_normalization(name))
+        return net
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        wanted = sorted(k for k, v in augment_values(self.cfg).items() if v > 0)
+        if wanted and getattr(self.trainer.train_dataloader, "transform", None) is None:
+            log.warning("augmentation keys %s are set but %s does not apply them to its training batches "
+                        "(the lightrainer datamodules of image tensors and folders do)", ", ".join(wanted),
+                        type(self.trainer.datamodule).__name__ if self.trainer.datamodule else "the training data")
 
     def _stage_metrics(self) -> nn.ModuleDict:
         # validate_args=False: the argument checks sync with the host on every update.
@@ -84,8 +132,9 @@ class ClassificationModule(LightrainerModule):
         return loss, dict(metrics.items())
 
     def configure_callbacks(self) -> list:
-        """Confusion matrix and worst-classified images at the end of fit (when ``plots``)."""
-        return [ClassificationPlots()] if self.cfg.plots else []
+        """Confusion matrix and worst-classified images at the end of fit, and ``aug_preview.png``
+        (the first augmented training batch) at its start (when ``plots``)."""
+        return [ClassificationPlots(), AugmentPreview()] if self.cfg.plots else []
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self(self.example_input(batch)).softmax(dim=1)

@@ -237,7 +237,7 @@ class VQVAEModule(LightrainerModule):
         )
     )
 
-    def __init__(self, net: nn.Module, cfg: Config) -> None:
+    def __init__(self, net: nn.Module | None = None, cfg: Config | None = None) -> None:
         super().__init__(net, cfg)
         self.vq_weight = float(cfg.extra("vq_weight"))
         self.recon_weight = float(cfg.extra("recon_weight"))
