@@ -154,6 +154,8 @@ class _Scan:
     """What the command line names before it is parsed: the files to import classes from, the task."""
 
     configs: list[Path] = field(default_factory=list)
+    #: The root keys of each config file, in order.
+    file_keys: list[set[str]] = field(default_factory=list)
     merged: dict[str, Any] = field(default_factory=dict)
     flags: dict[str, Any] = field(default_factory=dict)
 
@@ -180,8 +182,10 @@ def _scan(args: list[str]) -> _Scan:
             value, step = args[i + 1], 2
         if key in ("-c", "--config") and value is not None:
             path = Path(value)
-            scan.merged = _deep_merge(scan.merged, _read_yaml(path))
+            content = _read_yaml(path)
+            scan.merged = _deep_merge(scan.merged, content)
             scan.configs.append(path)
+            scan.file_keys.append(set(content))
             add_import_path(path.parent)
         elif key.startswith("--") and value is not None:
             scan.flags[key[2:]] = value
@@ -314,7 +318,9 @@ def parse_command(subcommand: str, args: list[str]) -> Command:
         raw["trainer"] = trainer_args
     seed_everything = values.get("seed_everything")
     if seed_everything not in (None, False):
-        if "seed" in _explicit_keys(scan) and int(raw["seed"]) != int(seed_everything):
+        # LightningCLI's name for the seed: it sets `seed`, unless one source gives both, differently.
+        both = any({"seed", "seed_everything"} <= keys for keys in [*scan.file_keys, set(scan.flags)])
+        if both and int(raw["seed"]) != int(seed_everything):
             raise ConfigError(f"seed_everything: {seed_everything} and seed: {raw['seed']} disagree: give seed only")
         raw["seed"] = seed_everything
     cfg = load_config(raw, task_class=task)
@@ -351,10 +357,6 @@ def _names_class(value: Any) -> bool:
     if isinstance(value, dict):
         return "class_path" in value
     return isinstance(value, (list, tuple)) and any(_names_class(v) for v in value)
-
-
-def _explicit_keys(scan: _Scan) -> set[str]:
-    return set(scan.merged) | set(scan.flags)
 
 
 def _given_trainer_args(parser: LightningArgumentParser, values: dict[str, Any]) -> dict[str, Any]:
