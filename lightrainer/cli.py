@@ -41,7 +41,8 @@ from lightrainer.export.pipeline import benchmark_from_weights, export_from_weig
 from lightrainer.quant.workflow import check_quant_config
 from lightrainer.registry import EXPORT_FORMATS
 from lightrainer.task import task_keys_of
-from lightrainer.trainer import build_trainer, trainer_arg_problems
+from lightrainer.trainer import build_trainer, increment_path, trainer_arg_problems
+from lightrainer.tuner import autobatch, lr_find
 from lightrainer.version import __version__
 from lightrainer.weights import apply_weights, load_weights
 
@@ -75,13 +76,17 @@ commands:
   export     ONNX / TensorRT:       lightrainer export --weights RUN/weights/best.pt --format onnx
   ptq        int8 calibration:      lightrainer ptq --weights RUN/weights/best.pt --method max
   benchmark  latency table:         lightrainer benchmark --weights RUN/weights/best.pt
+  tune-lr    lr range test:         lightrainer tune-lr --config FILE   (and batch: -1 sizes the batch to the GPU)
 
 Every YAML key is also a flag (--batch 64); several --config files merge, later ones win.
 Resume a run: lightrainer fit --config FILE --resume. --version prints the version.
 'lightrainer COMMAND --help' lists the options of a command; the README has a table of every key."""
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TOOL_SUBCOMMANDS = ("export", "ptq", "benchmark")
-SUBCOMMANDS = LIGHTNING_SUBCOMMANDS + TOOL_SUBCOMMANDS
+TUNER_SUBCOMMANDS = ("tune-lr",)
+SUBCOMMANDS = LIGHTNING_SUBCOMMANDS + TOOL_SUBCOMMANDS + TUNER_SUBCOMMANDS
+#: ``batch: -1``: size the batch to the GPU (Ultralytics' AutoBatch); probed at this batch first.
+AUTOBATCH, AUTOBATCH_PROBE = -1, 16
 #: Flat keys a resumed run may change: where it runs, how it logs, how long it trains, what it
 #: does after. Any other key differing from the checkpoint's is refused.
 RESUMABLE_KEYS = frozenset({
@@ -130,12 +135,16 @@ def make_parser(subcommand: str, task: type | None) -> LightningArgumentParser:
                                   help="the task: class_path and init_args (default: the task key's task)")
     parser.add_subclass_arguments(L.LightningDataModule, "data", required=False, skip={"cfg"},
                                   help="the data: class_path and init_args (default: the task's default_datamodule)")
-    if subcommand in LIGHTNING_SUBCOMMANDS:
+    if subcommand in LIGHTNING_SUBCOMMANDS + TUNER_SUBCOMMANDS:
         parser.add_lightning_class_args(L.Trainer, "trainer")
         parser.add_argument("--seed_everything", type=Optional[int], default=None,
                             help="LightningCLI's name for the seed key (the two must agree)")
         parser.add_argument("--ckpt_path", type=Optional[str], default=None,
                             help="a run's .ckpt (or, for validate/test/predict, its weights/*.pt)")
+    if subcommand == "tune-lr":
+        parser.add_argument("--min_lr", type=float, default=1e-6, help="lr0 at the start of the sweep")
+        parser.add_argument("--max_lr", type=float, default=1.0, help="lr0 at the end of the sweep")
+        parser.add_argument("--num_steps", type=int, default=100, help="optimizer steps of the sweep")
     if subcommand == "fit":
         parser.add_argument("--resume", action=ActionYesNo, default=False,
                             help="continue the newest run save_dir/name[N] from its last complete checkpoint")
@@ -256,6 +265,8 @@ class Command:
     ckpt_path: Optional[str] = None
     resume: bool = False
     print_config: Optional[str] = None
+    #: ``batch: -1`` was asked: AutoBatch sizes it before training.
+    autobatch: bool = False
     #: A run's file the run is rebuilt from (no --config / model: section): its payload.
     rebuild_from: Optional[dict[str, Any]] = None
     rebuild_source: Optional[Path] = None
@@ -316,6 +327,9 @@ def parse_command(subcommand: str, args: list[str]) -> Command:
     trainer_args = _given_trainer_args(parser, values)
     if trainer_args:
         raw["trainer"] = trainer_args
+    autobatch = raw.get("batch") in (AUTOBATCH, str(AUTOBATCH)) and subcommand == "fit"
+    if autobatch:
+        raw["batch"] = AUTOBATCH_PROBE
     seed_everything = values.get("seed_everything")
     if seed_everything not in (None, False):
         # LightningCLI's name for the seed: it sets `seed`, unless one source gives both, differently.
@@ -332,6 +346,7 @@ def parse_command(subcommand: str, args: list[str]) -> Command:
         subcommand, cfg, namespace, parser, trainer_args,
         ckpt_path=values.get("ckpt_path"), resume=bool(values.get("resume")), print_config=print_flags,
         rebuild_from=rebuild_from, rebuild_source=Path(source) if rebuild_from is not None else None,
+        autobatch=autobatch,
     )
 
 
@@ -506,6 +521,9 @@ def run_lightning(command: Command) -> int:
         cfg.sections.update({k: v for k, v in command.cfg.sections.items() if k == "trainer"})
     else:
         module, datamodule = build_from_config(cfg)
+        if command.autobatch:
+            cfg = cfg.replace(batch=autobatch(cfg, module, datamodule))
+            module, datamodule = build_from_config(cfg)
     if command.print_config is not None:
         print_config(cfg, command.print_config)
         return 0
@@ -553,6 +571,21 @@ def run_tool(command: Command) -> int:
         run_ptq(module, datamodule, cfg, weights)
     else:
         benchmark_from_weights(module, datamodule, cfg, weights)
+    return 0
+
+
+def run_tune_lr(command: Command) -> int:
+    """``lightrainer tune-lr``: the lr range test; prints the suggested lr0 (the config is unchanged)."""
+    cfg, values = command.cfg, command.namespace.as_dict()
+    module, datamodule = build_from_config(cfg)
+    out_dir = increment_path(Path(cfg.save_dir) / f"{cfg.name}_lr_find")
+    result = lr_find(cfg, module, datamodule, min_lr=values["min_lr"], max_lr=values["max_lr"],
+                     num_steps=values["num_steps"], out_dir=out_dir, **_trainer_kwargs(cfg))
+    if result.suggestion is None:
+        raise ConfigError(f"tune-lr: {len(result.lrs)} steps are too few to suggest an lr0: raise --num_steps")
+    log.info("lr range test over %d steps: suggested lr0 %.3g (the loss fell fastest there); %s",
+             len(result.lrs), result.suggestion, ", ".join(map(str, result.files)))
+    log.info("train with it: lightrainer fit ... --lr0 %.3g", result.suggestion)
     return 0
 
 
@@ -613,6 +646,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         command = parse_command(subcommand, args)
         if subcommand in TOOL_SUBCOMMANDS:
             return run_tool(command)
+        if subcommand in TUNER_SUBCOMMANDS:
+            return run_tune_lr(command)
         return run_lightning(command)
     except Exception as err:  # noqa: BLE001 - user errors become exit 2, anything else re-raises
         if not _is_user_error(err):

@@ -21,12 +21,13 @@ LAYERS: dict[str, int] = {
     "errors": 0, "registry": 0, "io": 0, "task": 0, "version": 0,
     # L1: config and the core every task uses
     "config": 1, "optim": 1, "ema": 1, "plots": 1, "module": 1, "constraints": 1, "weights": 1, "record": 1,
+    "runs": 1,
     "datamodules": 2,
     "quant": 3,
     "export": 4,
     "callbacks": 5,
     "modules": 6,
-    "build": 7, "trainer": 7,
+    "build": 7, "trainer": 7, "tuner": 7,
     "cli": 8,
 }  # fmt: skip
 
