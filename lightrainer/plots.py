@@ -6,6 +6,9 @@ import csv
 import math
 import os
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from lightrainer.io import atomic_path
 
@@ -93,3 +96,18 @@ def plot_results(csv_path: str | os.PathLike, png_path: str | os.PathLike | None
         ax.axis("off")
     fig.tight_layout()
     return save_figure(fig, png_path)
+
+
+def log_images(trainer: Any, paths: list[Path], step: int | None = None) -> None:
+    """Send PNG files to the TensorBoard and wandb loggers, where on."""
+    step = trainer.current_epoch if step is None else step
+    for logger in trainer.loggers:
+        name = type(logger).__name__
+        if name == "TensorBoardLogger":
+            from PIL import Image  # matplotlib's dependency; only TensorBoard images need it here
+
+            for path in paths:
+                image = np.asarray(Image.open(path).convert("RGB"))
+                logger.experiment.add_image(path.stem, image, step, dataformats="HWC")
+        elif name == "WandbLogger":
+            logger.log_image(key="plots", images=[str(p) for p in paths], step=None)

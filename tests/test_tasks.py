@@ -4,6 +4,7 @@ declaration; weights files are data."""
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -300,3 +301,42 @@ def test_validate_with_the_checkpoint_alone_rebuilds_the_users_task(tmp_path, mo
     fit_rows = (run / "results.csv").read_text().splitlines()
     fit = dict(zip(fit_rows[0].split(","), fit_rows[1].split(",")))
     assert float(values[header.index("val/mae")]) == pytest.approx(float(fit["val/mae"]), rel=1e-5)
+
+
+GENERIC = ("config.py", "build.py", "trainer.py", "cli.py", "module.py", "record.py", "registry.py", "task.py",
+           "tuner.py", "export", "quant", "callbacks/checkpoint.py", "callbacks/results.py", "callbacks/export.py",
+           "callbacks/ptq.py", "callbacks/qat.py")
+
+
+def test_generic_code_never_names_a_task() -> None:
+    """Only docstrings and comments may mention the built-in tasks outside their own files (the
+    config's default task is a default value, as the default optimizer is)."""
+    import ast
+
+    package = REPO / "lightrainer"
+    offenders = []
+    for entry in GENERIC:
+        for path in ([package / entry] if entry.endswith(".py") else sorted((package / entry).rglob("*.py"))):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Name) and re.search(r"vqvae|classification", node.id, re.I):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.id}")
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.lower() in (
+                        "vqvae", "classification") and not (path.name == "config.py"):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value!r}")
+                if isinstance(node, ast.ImportFrom) and node.module and re.search(r"vqvae|classification", node.module):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: from {node.module}")
+    assert not offenders, offenders
+
+
+def test_a_run_of_the_point_cloud_example_gets_a_clear_message(tmp_path, monkeypatch, capsys) -> None:
+    """Its datamodule holds arrays and a collate function given in Python: a weights file cannot hold
+    them, so export asks for a config instead of building something else."""
+    monkeypatch.syspath_prepend(str(REPO / "examples"))
+    import point_clouds
+
+    cfg = point_clouds.main(save_dir=str(tmp_path), epochs=1, limit_train_batches=2, limit_val_batches=2,
+                            enable_progress_bar=False)
+    sys.modules.pop("point_clouds")
+    assert main(["export", "--weights", str(Path(cfg.run_dir) / "weights" / "best.pt")]) == 2
+    assert "ArrayDataModule was built in Python with argument(s) train, collate_fn" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightrainer.plots import _pyplot, save_figure
+from lightrainer.plots import _pyplot, log_images, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +115,3 @@ class ClassificationPlots(Callback):
         log.info("classification plots: %s", ", ".join(str(p) for p in paths))
 
 
-def log_images(trainer: L.Trainer, paths: list[Path], step: int | None = None) -> None:
-    """Send PNG files to the TensorBoard and wandb loggers, where on."""
-    step = trainer.current_epoch if step is None else step
-    for logger in trainer.loggers:
-        name = type(logger).__name__
-        if name == "TensorBoardLogger":
-            import numpy as np
-            from PIL import Image
-
-            for path in paths:
-                image = np.asarray(Image.open(path).convert("RGB"))
-                logger.experiment.add_image(path.stem, image, step, dataformats="HWC")
-        elif name == "WandbLogger":
-            logger.log_image(key="plots", images=[str(p) for p in paths], step=None)

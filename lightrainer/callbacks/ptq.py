@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from lightrainer.callbacks.classification_plots import log_images
+from lightrainer.plots import log_images
 from lightrainer.config import Config
 from lightrainer.export.pipeline import export_int8
 from lightrainer.quant.workflow import PTQResult, best_weights, check_quant_config, post_training_quantize
