@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -36,10 +37,11 @@ from lightrainer.config import (
     field_docs,
     load_config,
 )
-from lightrainer.errors import ExportError, MissingDependencyError, closest_hint
+from lightrainer.errors import ExportError, MissingDependencyError, TrainingDiverged, closest_hint
 from lightrainer.export.pipeline import benchmark_from_weights, export_from_weights, run_ptq
 from lightrainer.quant.workflow import check_quant_config
 from lightrainer.registry import EXPORT_FORMATS
+from lightrainer.runs import load_checkpoint, newest_complete_checkpoint, run_folders
 from lightrainer.task import task_keys_of
 from lightrainer.trainer import build_trainer, increment_path, trainer_arg_problems
 from lightrainer.tuner import autobatch, lr_find
@@ -382,66 +384,49 @@ def _given_trainer_args(parser: LightningArgumentParser, values: dict[str, Any])
 
 
 # ---------------------------------------------------------------------------------- checkpoints
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A lightrainer Lightning checkpoint, loaded as data (``weights_only=True``), or a clear error.
+def read_checkpoint(path: str | Path, task_class: type | None = None) -> dict[str, Any]:
+    """A lightrainer Lightning checkpoint, loaded as data (``weights_only=True``) and checked
+    (:func:`lightrainer.runs.load_checkpoint`), or one clear error naming ``--ckpt_path``.
 
     Raises:
-        ConfigError: missing, unreadable/damaged, or not a lightrainer checkpoint.
+        ConfigError: missing, unreadable/damaged, not a lightrainer checkpoint, or another task's.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--ckpt_path: checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure here means the file is unusable
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        if "weights_only" in reason or "Unsupported global" in reason or "WeightsUnpickler" in reason:
-            reason = "it holds objects that are not plain data"
-        raise ConfigError(
-            f"--ckpt_path: {path} is not a lightrainer checkpoint, or it is damaged (corrupt or truncated?): {reason}"
-        ) from None
-    if not isinstance(checkpoint, dict) or "lightrainer" not in checkpoint or "state_dict" not in checkpoint:
-        raise ConfigError(
-            f"--ckpt_path: {path} was not written by lightrainer: resume from <run>/weights/last.ckpt"
-        )
-    return checkpoint
+        return load_checkpoint(path, task_class)
+    except ConfigError as err:
+        raise ConfigError(f"--ckpt_path: {err}") from None
 
 
-def check_checkpoint(path: str | Path) -> Path:
+def check_checkpoint(path: str | Path, task_class: type | None = None) -> Path:
     """``path`` when it is a complete lightrainer checkpoint (see :func:`read_checkpoint`)."""
-    read_checkpoint(path)
+    read_checkpoint(path, task_class)
     return Path(path)
 
 
-def _run_folders(cfg: Config) -> list[Path]:
-    """``save_dir/name`` and its numbered siblings (``name2``, ``name3``, ..., or ``name-2``),
-    never another name that merely starts the same."""
-    root = Path(cfg.save_dir)
-    if not root.is_dir():
-        return []
-    pattern = re.compile(rf"^{re.escape(cfg.name)}(-?\d+)?$")
-    return [p for p in root.iterdir() if p.is_dir() and pattern.match(p.name)]
-
-
 def find_last_checkpoint(cfg: Config) -> Path:
-    """The newest complete checkpoint among the runs ``save_dir/name[N]``: each run's
-    ``weights/last.ckpt``, or its ``best.ckpt`` when ``last.ckpt`` is missing or damaged.
+    """The newest complete checkpoint among the runs ``save_dir/name`` and its numbered siblings
+    (never another name that merely starts the same): each run's ``weights/last.ckpt``, or its
+    ``best.ckpt`` when that is newer or ``last.ckpt`` is damaged.
 
     Raises:
         ConfigError: there is none, or none is complete.
     """
-    candidates = [p for run in _run_folders(cfg) for p in (run / "weights" / "last.ckpt", run / "weights" / "best.ckpt")
-                  if p.is_file()]
-    candidates.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    if not candidates:
+    runs = run_folders(cfg.save_dir, cfg.name)
+    files = [p for run in runs for p in (run / "weights" / "last.ckpt", run / "weights" / "best.ckpt") if p.is_file()]
+    if not files:
         raise ConfigError(f"--resume / --ckpt_path last: no {cfg.save_dir}/{cfg.name}[N]/weights/last.ckpt to resume from")
-    for path in candidates:
-        try:
-            return check_checkpoint(path)
-        except ConfigError as err:
-            log.warning("--resume: skipping %s: %s", path, err)
+    for run in sorted(runs, key=lambda r: max((p.stat().st_mtime for p in r.glob("weights/*.ckpt")), default=0),
+                      reverse=True):
+        for damaged in (p for p in (run / "weights" / "last.ckpt", run / "weights" / "best.ckpt") if p.is_file()):
+            try:
+                load_checkpoint(damaged)
+            except ConfigError as err:
+                warnings.warn(f"--resume: skipping {damaged}: {err}", stacklevel=2)
+        found = newest_complete_checkpoint(run, cfg.task_class)
+        if found is not None:
+            return found
     raise ConfigError(
-        f"--resume: none of {len(candidates)} checkpoint(s) of {cfg.save_dir}/{cfg.name}[N] is complete; "
+        f"--resume: none of {len(files)} checkpoint(s) of {cfg.save_dir}/{cfg.name}[N] is complete; "
         "start a new run or pass --ckpt_path"
     )
 
@@ -470,7 +455,7 @@ def _resumed(command: Command) -> tuple[Config, Path, dict[str, Any]]:
     """
     cfg = command.cfg
     path = find_last_checkpoint(cfg) if command.resume or command.ckpt_path == "last" else check_checkpoint(command.ckpt_path)
-    payload = read_checkpoint(path)["lightrainer"]
+    payload = read_checkpoint(path)["lightrainer"]  # another task's checkpoint is refused below, by name
     _, _, saved = rebuild(payload)
     if saved.task_class is not cfg.task_class:
         raise ConfigError(
@@ -649,6 +634,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if subcommand in TUNER_SUBCOMMANDS:
             return run_tune_lr(command)
         return run_lightning(command)
+    except TrainingDiverged as err:
+        print(f"lightrainer: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
     except Exception as err:  # noqa: BLE001 - user errors become exit 2, anything else re-raises
         if not _is_user_error(err):
             raise

@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Union
@@ -33,7 +34,7 @@ from lightrainer.task import (
 
 __all__ = [
     "CLI_SECTIONS", "Config", "ConfigError", "ExtraKey", "TaskKey", "at_least", "choice", "dump_config",
-    "config_yaml", "field_docs", "fraction", "import_class", "load_config", "positive", "register_task_keys", "seed_all",
+    "config_yaml", "derived_values", "field_docs", "fraction", "import_class", "load_config", "positive", "register_task_keys", "seed_all",
     "unit_interval",
 ]
 
@@ -97,6 +98,62 @@ def fraction(key: str, value: Any) -> Any:
     return value
 
 
+#: The largest count a size key takes (batch, epochs, workers, ...): a C int, far past any sane run.
+INT_MAX = 2**31 - 1
+#: NumPy and torch seed with 32-bit unsigned integers.
+SEED_MAX = 2**32 - 1
+#: A config file larger than this is refused before it is parsed (configs are a few KB).
+MAX_CONFIG_BYTES = 1 << 20
+#: Nodes a YAML document may expand to, aliases expanded (a 1 KB "billion laughs" holds ~10**9).
+MAX_YAML_NODES = 100_000
+
+
+def between(low: int, high: int) -> Callable[[str, Any], Any]:
+    """A check that refuses values outside ``[low, high]``."""
+    def check(key: str, value: Any) -> Any:
+        if value < low:
+            raise ConfigError(f"{key}: must be >= {low}, got {value!r}")
+        if value > high:
+            shown = f"{value:.4g}" if abs(value) >= 10**15 else repr(value)
+            raise ConfigError(f"{key}: must be at most {high}, got {shown}")
+        return value
+
+    return check
+
+
+def _save_dir(key: str, value: Any) -> str:
+    """``save_dir`` with ``~`` and environment variables expanded, once, here: every file of a
+    run goes under the same folder, and ``--resume`` finds it."""
+    text = str(value)
+    expanded = os.path.expandvars(os.path.expanduser(text))
+    unset = re.search(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
+    if unset:
+        raise ConfigError(
+            f"{key}: {text!r} uses the environment variable ${unset.group(1)}, which is not set: "
+            "set it, or write the folder out"
+        )
+    if expanded.startswith("~"):
+        raise ConfigError(f"{key}: {text!r}: cannot expand {expanded.split(os.sep)[0]!r} (no such user); write the folder out")
+    if not expanded.strip() or "\0" in expanded:
+        raise ConfigError(f"{key}: {text!r} is not a folder path; give one, such as runs")
+    if os.path.exists(expanded) and not os.path.isdir(expanded):
+        raise ConfigError(f"{key}: {expanded} exists and is not a folder; choose another save_dir")
+    return expanded
+
+
+def _run_name(key: str, value: Any) -> str:
+    """``name`` is one folder inside ``save_dir``: a run never writes outside it."""
+    name = str(value)
+    separators = {"/", "\\", os.sep, os.altsep} - {None}
+    if (not name.strip() or name in (".", "..") or "\0" in name or os.path.isabs(name)
+            or any(sep in name for sep in separators)):
+        raise ConfigError(
+            f"{key}: {name!r} is not a folder name: a run's name is one folder inside save_dir (no '/', "
+            "'\\', '..', not '.' or empty); put parent folders in save_dir (save_dir: runs/sweep, name: exp)"
+        )
+    return name
+
+
 def _key(default: Any, check: Callable[[str, Any], Any] | None = None, doc: str = "") -> Any:
     """A config field: its default, an optional validator and a one-line meaning (for the docs)."""
     return field(default=default, metadata={"check": check, "doc": doc})
@@ -113,19 +170,19 @@ class Config:
     """
 
     # --- the seed's keys -------------------------------------------------------------------
-    save_dir: str = _key("runs", doc="folder that holds the run folders")
+    save_dir: str = _key("runs", _save_dir, "folder that holds the run folders (~ and $VARS expanded)")
     device: Union[int, str, list, None] = _key(
         None, doc='GPU ids (0, "0,1", [0, 1]), "cpu", or None/"" for auto'
     )
-    batch: int = _key(32, at_least(1), "global batch size (split across devices)")
-    nbs: int = _key(64, at_least(1), "nominal batch size: accumulation and weight-decay scaling")
-    num_workers: int = _key(4, at_least(0), "DataLoader worker processes")
-    patience: int = _key(100, at_least(0), "epochs without fitness improvement before stopping (0 = off)")
-    epochs: int = _key(200, at_least(1), "training epochs")
+    batch: int = _key(32, between(1, INT_MAX), "global batch size (split across devices)")
+    nbs: int = _key(64, between(1, INT_MAX), "nominal batch size: accumulation and weight-decay scaling")
+    num_workers: int = _key(4, between(0, INT_MAX), "DataLoader worker processes")
+    patience: int = _key(100, between(0, INT_MAX), "epochs without fitness improvement before stopping (0 = off)")
+    epochs: int = _key(200, between(1, INT_MAX), "training epochs")
     exist_ok: bool = _key(False, doc="reuse save_dir/name instead of incrementing it")
     amp: bool = _key(False, doc="automatic mixed precision where the device supports it")
     ptq: bool = _key(False, doc="post-training quantization after fit")
-    num_batches: Union[int, None] = _key(None, at_least(1), "PTQ calibration batches (None = all)")
+    num_batches: Union[int, None] = _key(None, between(1, INT_MAX), "PTQ calibration batches (None = all)")
     method: str = _key("entropy", CALIBRATION_METHODS.validator(), "PTQ amax method (a registered calibration method)")
     qat: bool = _key(False, doc="quantization-aware training")
     trt_quant: bool = _key(False, doc="build an int8 TensorRT engine after fit")
@@ -144,13 +201,13 @@ class Config:
     # --- keys beyond the seed (defaults keep seed behaviour) ---------------------------------
     task: str = _key(DEFAULT_TASK, TASKS.validator(),
                      "task trained when the YAML has no model: section (a registered task name)")
-    name: str = _key("train", doc="run folder name under save_dir")
-    seed: int = _key(0, at_least(0), "random seed (data split, shuffling, init)")
+    name: str = _key("train", _run_name, "run folder name under save_dir (one folder: no '/' or '..')")
+    seed: int = _key(0, between(0, SEED_MAX), "random seed (data split, shuffling, init)")
     deterministic: bool = _key(False, doc="torch deterministic algorithms")
     grad_clip: float = _key(10.0, at_least(0), "gradient norm clip (0 = off)")
     val_split: float = _key(0.2, fraction, "fraction held out for validation (stratified)")
-    devices: Union[int, None] = _key(None, at_least(1), "number of devices (overrides device count)")
-    num_nodes: int = _key(1, at_least(1), "number of machines")
+    devices: Union[int, None] = _key(None, between(1, INT_MAX), "number of devices (overrides device count)")
+    num_nodes: int = _key(1, between(1, INT_MAX), "number of machines")
     sync_bn: Union[bool, None] = _key(None, doc="SyncBatchNorm (None = on when several devices)")
     tensorboard: bool = _key(False, doc="also log to TensorBoard")
     wandb: bool = _key(False, doc="also log to Weights & Biases")
@@ -167,6 +224,10 @@ class Config:
     ema: bool = _key(False, doc="keep an EMA of the weights; validate, save (weights/*.pt) and export it")
     ema_decay: float = _key(0.9999, fraction, "EMA decay d: ema = d' * ema + (1 - d') * w, d' = d * (1 - exp(-n / ema_tau))")
     ema_tau: float = _key(2000.0, positive, "EMA warm-up time constant, in optimizer steps")
+    nan_patience: int = _key(10, between(0, INT_MAX), "optimizer steps in a row with a NaN/inf loss or gradient "
+                             "(each skipped) before the run stops with exit 1 (0 = stop at the first)")
+    requeue: bool = _key(False, doc="under SLURM: requeue the job on its time-limit signal and resume in "
+                         "the same run folder (Lightning's SLURM auto-requeue)")
 
     # The task's own keys (e.g. the VQ-VAE's loss weights), validated against its declaration.
     extras: dict = field(default_factory=dict, metadata={"check": None, "doc": ""})
@@ -310,6 +371,29 @@ def _is_none(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip() in ("None", "none", "null", "~", ""))
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def _as_integer(value: Any) -> int | None:
+    """An int from an int, an integral float or the text of either; None when it is none."""
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, (float, str)):
+        return None
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    if not math.isfinite(number) or not number.is_integer():
+        return None
+    return int(number)
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Convert a YAML value to the field's type, or raise naming the key and the expected type."""
     text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
@@ -325,15 +409,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return value.lower() == "true"
         raise ConfigError(f"{key}: expected True or False, got {value!r}")
     if text.startswith("int") or text == "Union[int, None]":
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        number = None if isinstance(value, bool) else _as_integer(value)
+        if number is None:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        try:
-            number = float(value)
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if not number.is_integer():
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(number)
+        if abs(number) > _INT64_MAX:
+            # No integer setting takes such a value; refused before a check sees a 30-digit number.
+            raise ConfigError(f"{key}: {value!r} is out of range for an integer setting")
+        return number
     if text.startswith("float"):
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
@@ -358,16 +440,115 @@ def _validate_extra(key: str, value: Any, spec: TaskKey) -> Any:
     return spec.check(key, value) if spec.check else value
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+class _YamlRefused(yaml.YAMLError):
+    """A YAML document that parses but is refused (a key given twice, aliases expanding too far)."""
+
+
+def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expansion(root: yaml.Node, limit: int = MAX_YAML_NODES) -> None:
+    """Refuse a document that would expand to more than ``limit`` nodes with its aliases expanded,
+    or whose aliases refer to a node that contains them. Counted on the node graph (a shared node
+    once per use, never expanded), so an alias bomb is refused in microseconds."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, counted_children = stack.pop()
+        key = id(node)
+        if counted_children:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in _yaml_children(node))
+            if sizes[key] > limit:
+                raise _YamlRefused(
+                    f"its aliases (*name) expand it to more than {limit} values (a YAML alias bomb?); "
+                    "a config holds a few hundred"
+                )
+        elif key not in sizes:
+            if key in on_path:
+                raise _YamlRefused("an alias (*name) refers to a node that contains it (a recursive structure)")
+            on_path.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in _yaml_children(node) if id(child) not in sizes)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML would keep the last
+    silently) and a document whose aliases expand too far."""
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` merges, then keys of its own override: not a repeat
+            key = self.construct_object(key_node, deep=deep)
+            mark = key_node.start_mark
+            try:
+                first = first_seen.setdefault(key, mark)
+            except TypeError:
+                continue  # an unhashable key: the constructor reports it
+            if first is not mark:
+                where = (f"lines {first.line + 1} and {mark.line + 1}" if first.line != mark.line
+                         else f"line {mark.line + 1}, columns {first.column + 1} and {mark.column + 1}")
+                raise _YamlRefused(f"key {key!r} is given twice ({where}): keep one")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_config_text(path: Path) -> str:
+    """The text of a config file, or one clear error: a folder, missing, unreadable, too large,
+    binary or not UTF-8."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a config file: give the YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: cannot read the config file (permission denied); check its permissions") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror or type(err).__name__})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KB, not a config file (a config is a few KB; "
+            "data belongs in a datamodule)"
+        )
+    if b"\0" in data:
+        raise ConfigError(f"{path}: a binary file, not a YAML config (it holds NUL bytes)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); save the file as UTF-8"
+        ) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    text = _read_config_text(Path(path))
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _YamlRefused as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or type(err).__name__
+        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: malformed YAML: nested too deeply for a config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -528,5 +709,17 @@ def config_yaml(cfg: Config, extra: Mapping[str, Any] | None = None, skip_null: 
     if skip_null:
         data = {k: v for k, v in data.items() if v is not None}
     derived = {**cfg.derived(), **(extra or {})}
-    comments = "".join(f"#   {k}: {v}\n" for k, v in derived.items())
-    return yaml.safe_dump(data, sort_keys=False) + "# derived values (comments: not read back):\n" + comments
+    plain = {k: v if isinstance(v, (bool, int, float, str, type(None))) else str(v) for k, v in derived.items()}
+    comments = "".join(f"#   {line}\n" for line in yaml.safe_dump(plain, sort_keys=False, width=1000).splitlines())
+    return yaml.safe_dump(data, sort_keys=False) + DERIVED_MARK + "\n" + comments
+
+
+#: The line that opens the derived values' comments in args.yaml and --print_config.
+DERIVED_MARK = "# derived values (comments: not read back):"
+
+
+def derived_values(text: str) -> dict[str, Any]:
+    """The derived values written as comments by :func:`config_yaml` (for tools and tests)."""
+    _, _, tail = text.partition(DERIVED_MARK)
+    lines = [line[1:] for line in tail.splitlines() if line.startswith("#   ")]
+    return dict(yaml.safe_load("\n".join(lines)) or {})

@@ -22,6 +22,14 @@ class MissingDependencyError(ImportError):
     """An optional dependency (or a GPU) that a requested feature needs is absent; one line says how to fix it."""
 
 
+class TrainingDiverged(RuntimeError):
+    """Training stopped because its numbers stopped being finite: ``nan_patience`` + 1 optimizer
+    steps in a row had a NaN/inf loss or gradient (each was skipped), or the model's state itself
+    holds NaN. The message names the epoch and step. The run's last finite checkpoints are kept
+    and nothing non-finite was written. Not a user mistake in the config: the command exits 1.
+    """
+
+
 class WeightsError(ConfigError, ExportError):
     """A weights file that is missing, not a lightrainer weights file, or saved by another model.
 

@@ -13,9 +13,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.callbacks import Callback
 
-from lightrainer.callbacks.export import ExportCallback
+from lightrainer.callbacks.export import ExportCallback, check_export_dependencies
+from lightrainer.callbacks.interrupt import InterruptCheckpoint
 from lightrainer.callbacks.ptq import PTQCallback
 from lightrainer.callbacks.qat import QATCallback
 from lightrainer.callbacks.checkpoint import RandomState, RunCheckpoint, with_atomic_checkpoint_io
@@ -23,7 +25,17 @@ from lightrainer.callbacks.early_stopping import FitnessEarlyStopping
 from lightrainer.callbacks.progress import LightrainerProgressBar
 from lightrainer.callbacks.results import ResultsCSV
 from lightrainer.config import Config, ConfigError, dump_config
+from lightrainer.io import atomic_write
 from lightrainer.quant.workflow import check_quant_config
+from lightrainer.runs import (
+    SLURM_JOB_FILE,
+    create_run_dir,
+    numbered_name,
+    remove_unused_run_dir,
+    remove_stale_temp_files,
+    requeued_run_dir,
+    slurm_job_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +58,11 @@ RUN_DIR_ENV = "LIGHTRAINER_RUN_DIR"
 
 
 def increment_path(path: str | os.PathLike, exist_ok: bool = False) -> Path:
-    """``path`` if it is free (or ``exist_ok``), else the first free ``path2``, ``path3``, ...
+    """``path`` if it is free (or ``exist_ok``), else its first free numbered sibling: ``path2``,
+    ``path3``, ... (``name-2`` for a name that ends in a digit: :func:`lightrainer.runs.numbered_name`).
+
+    Only looks: a folder that several processes may claim at once (a run folder) is created with
+    :func:`lightrainer.runs.create_run_dir` instead.
 
     Args:
         path: the wanted folder.
@@ -58,9 +74,8 @@ def increment_path(path: str | os.PathLike, exist_ok: bool = False) -> Path:
     path = Path(path)
     if exist_ok or not path.exists():
         return path
-    stem = re.sub(r"\d+$", "", path.name) or path.name
     n = 2
-    while (candidate := path.with_name(f"{stem}{n}")).exists():
+    while (candidate := path.with_name(numbered_name(path.name, n))).exists():
         n += 1
     return candidate
 
@@ -75,8 +90,6 @@ def launcher_layout() -> tuple[str, int, int] | None:
         ``("torchrun", LOCAL_WORLD_SIZE, WORLD_SIZE // LOCAL_WORLD_SIZE)``,
         ``("SLURM", tasks per node, SLURM_NNODES)``, or None (Lightning launches the processes).
     """
-    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-
     env = os.environ
     if TorchElasticEnvironment.detect():
         local = int(env["LOCAL_WORLD_SIZE"])
@@ -102,19 +115,45 @@ def is_rank_zero_process() -> bool:
     return int(env.get("LOCAL_RANK", "0")) == 0 and node_rank == 0
 
 
-def resolve_run_dir(cfg: Config) -> Path:
-    """The run folder, decided once, by the process that becomes global rank 0.
+def resolve_run_dir(cfg: Config) -> tuple[Path, bool]:
+    """The run folder, decided once, by the process that becomes global rank 0, which creates it.
 
-    Other ranks never create folders: a process that Lightning's launcher started inherits the
-    launcher's choice through ``LIGHTRAINER_RUN_DIR``; under torchrun/SLURM the other ranks hold a
-    provisional path until :class:`RunDirSync` broadcasts rank 0's folder when the fit starts.
+    Rank 0 claims ``save_dir/name`` or its first free numbered sibling with an exclusive
+    ``mkdir`` (:func:`lightrainer.runs.create_run_dir`), so runs that start together never share
+    a folder. A SLURM job that was requeued (``requeue: True``) takes the folder it trained in
+    before. Other ranks never create folders: a process that Lightning's launcher started
+    inherits the launcher's choice through ``LIGHTRAINER_RUN_DIR``; under torchrun/SLURM the other
+    ranks hold a provisional path until :class:`RunDirSync` broadcasts rank 0's folder when the
+    fit starts.
+
+    Returns:
+        ``(folder, created)``: whether this call created the folder.
+
+    Raises:
+        ConfigError: the folder cannot be created.
     """
     if is_rank_zero_process():
-        return increment_path(Path(cfg.save_dir) / cfg.name, cfg.exist_ok)
+        previous = _requeued_run_dir(cfg)
+        if previous is not None:
+            log.info("SLURM job requeued: continuing in %s", previous)
+            return previous, False
+        wanted = Path(cfg.save_dir) / cfg.name
+        existed = cfg.exist_ok and wanted.is_dir()
+        path = create_run_dir(cfg.save_dir, cfg.name, cfg.exist_ok)
+        return path, not existed
     inherited = os.environ.get(RUN_DIR_ENV)
     if inherited and launcher_layout() is None:
-        return Path(inherited)
-    return Path(cfg.save_dir) / cfg.name
+        return Path(inherited), False
+    return Path(cfg.save_dir) / cfg.name, False
+
+
+def _requeued_run_dir(cfg: Config) -> Path | None:
+    """The folder a requeued SLURM job (``SLURM_RESTART_COUNT`` > 0) trained in before."""
+    job = slurm_job_id()
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    if not (cfg.requeue and job and SLURMEnvironment.detect() and restarts.isdigit() and int(restarts) > 0):
+        return None
+    return requeued_run_dir(cfg.save_dir, cfg.name, job)
 
 
 def _requested_devices(cfg: Config, gpus: int) -> tuple[str, Any]:
@@ -258,11 +297,13 @@ def resolve_precision(cfg: Config, accelerator: str) -> str:
     return "32-true"
 
 
-def _loggers(cfg: Config, run_dir: Path) -> list:
-    from lightning.pytorch.loggers import CSVLogger
+def _logger_classes(cfg: Config) -> dict[str, type]:
+    """The optional loggers the config asks for, imported (checked before the run folder exists).
 
-    # A resumed run writes logs2/, logs3/...: Lightning's CSVLogger deletes an existing metrics.csv.
-    loggers: list = [CSVLogger(save_dir=run_dir, name="", version=increment_path(run_dir / "logs").name)]
+    Raises:
+        ConfigError: a logger whose package is not installed (names the pip install).
+    """
+    classes: dict[str, type] = {}
     if cfg.tensorboard:
         try:
             from lightning.pytorch.loggers import TensorBoardLogger
@@ -270,15 +311,27 @@ def _loggers(cfg: Config, run_dir: Path) -> list:
             import tensorboard  # noqa: F401
         except ImportError:
             raise ConfigError('tensorboard: True needs TensorBoard: pip install "lightrainer[tensorboard]"') from None
-        loggers.append(TensorBoardLogger(save_dir=run_dir, name="", version="tensorboard"))
+        classes["tensorboard"] = TensorBoardLogger
     if cfg.wandb:
         try:
             import wandb  # noqa: F401
             from lightning.pytorch.loggers import WandbLogger
         except ImportError:
             raise ConfigError('wandb: True needs wandb: pip install "lightrainer[wandb]"') from None
+        classes["wandb"] = WandbLogger
+    return classes
+
+
+def _loggers(cfg: Config, run_dir: Path, classes: dict[str, type]) -> list:
+    from lightning.pytorch.loggers import CSVLogger
+
+    # A resumed run writes logs2/, logs3/...: Lightning's CSVLogger deletes an existing metrics.csv.
+    loggers: list = [CSVLogger(save_dir=run_dir, name="", version=increment_path(run_dir / "logs").name)]
+    if "tensorboard" in classes:
+        loggers.append(classes["tensorboard"](save_dir=run_dir, name="", version="tensorboard"))
+    if "wandb" in classes:
         loggers.append(
-            WandbLogger(
+            classes["wandb"](
                 project=cfg.wandb_project,
                 name=run_dir.name,
                 save_dir=str(run_dir),
@@ -336,7 +389,35 @@ class RunSetup(Callback):
         extra.update({"fitness": fitness, "fitness_mode": mode, "run_dir": self.cfg.run_dir})
         extra.update(getattr(pl_module, "config_notes", lambda: {})())
         dump_config(self.cfg, Path(self.cfg.run_dir) / "args.yaml", extra)
+        job = slurm_job_id()
+        if self.cfg.requeue and job and SLURMEnvironment.detect():
+            # A requeued job finds its folder by this file (resolve_run_dir).
+            atomic_write(Path(self.cfg.run_dir) / SLURM_JOB_FILE, job)
         log.info("run folder: %s", self.cfg.run_dir)
+
+
+class EmptyRunCleanup(Callback):
+    """Removes the run folder that :func:`build_trainer` created when the fit fails before any
+    file was written in it (bad data found while setting up, a missing package): a run that
+    failed to start leaves no empty folder behind. A folder holding any file is kept.
+
+    Args:
+        run_dir: the folder this build created.
+        save_dir: the folder holding it, when this build created that too (removed when left empty).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, save_dir: str | os.PathLike | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.save_dir = save_dir
+
+    def remove(self) -> None:
+        """Remove the run folder if it holds no file (and ``save_dir`` if that leaves it empty)."""
+        if remove_unused_run_dir(self.run_dir, self.save_dir):
+            log.info("removed the run folder %s: the run failed before writing anything", self.run_dir)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if trainer.is_global_zero:
+            self.remove()
 
 
 def default_callbacks(cfg: Config, progress_bar: bool = True, accelerator: str = "cpu") -> list[Callback]:
@@ -351,6 +432,7 @@ def default_callbacks(cfg: Config, progress_bar: bool = True, accelerator: str =
         ResultsCSV(run_dir, plots=cfg.plots),
         RunCheckpoint(run_dir / "weights"),
         RandomState(),
+        InterruptCheckpoint(run_dir / "weights"),
     ]
     if cfg.patience > 0:
         callbacks.append(FitnessEarlyStopping(cfg.patience))
@@ -377,6 +459,11 @@ def build_trainer(cfg: Config, run_dir: str | os.PathLike | None = None, **train
     sets ``cfg.world_size``. Several devices or machines run Lightning's DDP; under torchrun or
     SLURM the launcher's process layout is used (see :func:`launcher_layout`).
 
+    Everything that can be checked without the folder is checked before it is created, and a
+    folder this call created is removed again when building the Trainer, or the fit before its
+    first file, fails (:class:`EmptyRunCleanup`). At the start of a run and of a resume, the
+    temporary files a killed run left in the folder are removed.
+
     Args:
         cfg: the validated config. The best checkpoint and early stopping follow the fitted
             module's ``fitness_monitor``.
@@ -389,26 +476,26 @@ def build_trainer(cfg: Config, run_dir: str | os.PathLike | None = None, **train
 
     Raises:
         ConfigError: devices that do not exist, a batch that does not split over the devices,
-            ``num_nodes > 1`` without a launcher, an optional logger that is not installed.
+            ``num_nodes > 1`` without a launcher, an optional logger that is not installed, a
+            run folder that cannot be created.
+        MissingDependencyError: what the export after fit needs is missing (TensorRT for
+            ``export: engine``, onnx, onnxruntime).
     """
     if cfg.ptq or cfg.qat or cfg.trt_quant:
         # A missing backend, the fake pytorch-quantization 2.2.x or a bad method fail here,
         # before the run folder exists (trt_quant runs PTQ first when ptq is off).
         check_quant_config(cfg.replace(ptq=cfg.ptq or not cfg.qat))
+    check_export_dependencies(cfg)
+    logger_classes = _logger_classes(cfg)
     hardware = resolve_devices(cfg)
     world_size = hardware.pop("world_size")
     check_batch_split(cfg.batch, world_size)
-    rank_zero = is_rank_zero_process()
-    run_dir = Path(run_dir) if run_dir is not None else resolve_run_dir(cfg)
-    cfg.run_dir, cfg.world_size = str(run_dir), world_size
-    strategy = resolve_strategy(world_size)
     extra_callbacks = list(trainer_overrides.pop("callbacks", []) or [])
     kwargs: dict[str, Any] = {
         **hardware,
-        "strategy": strategy,
+        "strategy": resolve_strategy(world_size),
         "precision": resolve_precision(cfg, hardware["accelerator"]),
         "max_epochs": cfg.epochs,
-        "default_root_dir": str(run_dir),
         "deterministic": cfg.deterministic or None,
         "sync_batchnorm": resolve_sync_bn(cfg, hardware["accelerator"], world_size),
         # The module logs epoch means itself; per-step logging only feeds the bar. 1 also keeps
@@ -417,17 +504,50 @@ def build_trainer(cfg: Config, run_dir: str | os.PathLike | None = None, **train
         "enable_model_summary": True,
     }
     kwargs.update(trainer_overrides)
-    kwargs["plugins"] = with_atomic_checkpoint_io(kwargs.get("plugins"))
-    if kwargs.get("logger", True) is True:
-        kwargs["logger"] = None  # placeholder, filled below once the folder exists
+    kwargs["plugins"] = with_slurm_requeue(with_atomic_checkpoint_io(kwargs.get("plugins")), cfg.requeue)
+
+    rank_zero = is_rank_zero_process()
+    save_dir_made = run_dir is None and rank_zero and not Path(cfg.save_dir).exists()
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        created = rank_zero and not run_dir.exists()
+    else:
+        run_dir, created = resolve_run_dir(cfg)
+    cleanup = EmptyRunCleanup(run_dir, cfg.save_dir if save_dir_made else None) if created else None
+    cfg.run_dir, cfg.world_size = str(run_dir), world_size
+    kwargs.setdefault("default_root_dir", str(run_dir))
+    try:
+        return _trainer_in(cfg, run_dir, kwargs, logger_classes, extra_callbacks, cleanup)
+    except BaseException:
+        if cleanup is not None:
+            cleanup.remove()
+        raise
+
+
+def with_slurm_requeue(plugins: list[Any], requeue: bool) -> list[Any]:
+    """A Trainer's plugins plus, under SLURM, Lightning's ``SLURMEnvironment`` with
+    ``auto_requeue=requeue`` (Lightning's own default would requeue every SLURM job on its
+    signal); unchanged when a cluster environment is given or SLURM is not detected."""
+    if not SLURMEnvironment.detect() or any(isinstance(p, ClusterEnvironment) for p in plugins):
+        return plugins
+    return [*plugins, SLURMEnvironment(auto_requeue=requeue)]
+
+
+def _trainer_in(
+    cfg: Config, run_dir: Path, kwargs: dict[str, Any], logger_classes: dict[str, type],
+    extra_callbacks: list[Callback], cleanup: EmptyRunCleanup | None,
+) -> L.Trainer:
+    """The rest of :func:`build_trainer`, once the run folder is decided."""
     progress_bar = kwargs.get("enable_progress_bar", True) is not False
-    callbacks = default_callbacks(cfg, progress_bar, kwargs["accelerator"]) + extra_callbacks
-    callbacks.insert(0, RunDirSync(cfg))
-    if rank_zero:  # only rank 0 creates the folder; Lightning's launcher hands it to the workers
+    callbacks = [RunDirSync(cfg), *default_callbacks(cfg, progress_bar, kwargs["accelerator"]), *extra_callbacks]
+    if cleanup is not None:
+        callbacks.append(cleanup)  # last: after the interruption callback may have saved a file
+    if is_rank_zero_process():  # only rank 0 creates folders; Lightning's launcher hands the run's to workers
         (run_dir / "weights").mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(run_dir)
         os.environ[RUN_DIR_ENV] = str(run_dir)
-    if kwargs["logger"] is None:
-        kwargs["logger"] = _loggers(cfg, run_dir)
+    if kwargs.get("logger", True) in (True, None):  # Lightning's default logger: ours, in the run folder
+        kwargs["logger"] = _loggers(cfg, run_dir, logger_classes)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     return L.Trainer(callbacks=callbacks, **kwargs)
 

@@ -14,6 +14,7 @@ import yaml
 from torch import nn
 
 import lightrainer as lt
+from lightrainer.config import derived_values
 from lightrainer.datamodules import ArrayDataModule
 from lightrainer.modules import ClassificationModule
 
@@ -210,9 +211,9 @@ def test_run_folder_contents(tmp_path) -> None:
     for name in ("args.yaml", "results.csv", "results.png", "weights/best.pt", "weights/last.pt",
                  "weights/last.ckpt", "weights/best.ckpt"):
         assert (run / name).is_file(), name
-    args = yaml.safe_load((run / "args.yaml").read_text())
-    assert args["derived"]["accumulate"] == 4 and args["derived"]["batches_per_epoch"] == NB
-    assert args["derived"]["warmup_iters"] == 100 and args["derived"]["fitness"] == "val/acc"
+    derived = derived_values((run / "args.yaml").read_text())
+    assert derived["accumulate"] == 4 and derived["batches_per_epoch"] == NB
+    assert derived["warmup_iters"] == 100 and derived["fitness"] == "val/acc"
     last = torch.load(run / "weights/last.pt", weights_only=True)
     assert set(last) >= {"epoch", "best_fitness", "model", "optimizer", "date"}
     assert last["epoch"] == 2

@@ -13,8 +13,11 @@ import torch
 import lightrainer as lt
 from lightrainer.datamodules import ArrayDataModule
 from lightrainer.export import (
+    FORMATS,
     ExportError,
+    ExportFormat,
     MissingDependencyError,
+    register_format,
     apply_weights,
     benchmark_from_weights,
     export_from_weights,
@@ -82,24 +85,25 @@ def test_callback_exports_best_weights_after_fit(tmp_path):
 def test_callback_checks_tensorrt_before_training(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     monkeypatch.setenv("PATH", str(tmp_path))
-    cfg = _cfg(tmp_path, export="engine")
-    trainer = lt.build_trainer(cfg, enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(MissingDependencyError, match="needs TensorRT"):
-        trainer.fit(_module(cfg), datamodule=_datamodule(cfg))
-    assert trainer.global_step == 0 and not list((tmp_path / "run" / "weights").iterdir())
-    # trt_quant alone runs PTQ after fit (no ptq/qat needed); what PTQ needs is checked before training
-    cfg = _cfg(tmp_path, name="q", trt_quant=True)
-    trainer = lt.build_trainer(cfg, enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(MissingDependencyError, match="needs TensorRT"):
-        trainer.fit(_module(cfg), datamodule=_datamodule(cfg))
-    assert trainer.global_step == 0
-    cfg = _cfg(tmp_path, name="q2", trt_quant=True)
-    no_layers = ClassificationModule(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
-                                                         torch.nn.BatchNorm1d(4)), cfg, num_classes=4)
-    trainer = lt.build_trainer(cfg, enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(lt.ConfigError, match="ptq: Sequential has no Conv/Linear layer to quantize"):
-        trainer.fit(no_layers, datamodule=_datamodule(cfg))
-    assert trainer.global_step == 0
+    # Refused by build_trainer, before the run folder exists (the format's registered check).
+    for name, key in (("run", {"export": "engine"}), ("q", {"trt_quant": True})):
+        with pytest.raises(MissingDependencyError, match="needs TensorRT"):
+            lt.build_trainer(_cfg(tmp_path, name=name, **key), enable_progress_bar=False)
+        assert not (tmp_path / name).exists()
+    # trt_quant alone runs PTQ after fit (no ptq/qat needed); what PTQ needs of the network is
+    # checked when the fit starts (with an engine format that needs nothing, that check fails).
+    engine = FORMATS.get("engine")
+    register_format("engine", ExportFormat(check=None, build=engine.build), override=True)
+    try:
+        cfg = _cfg(tmp_path, name="q2", trt_quant=True)
+        no_layers = ClassificationModule(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
+                                                             torch.nn.BatchNorm1d(4)), cfg, num_classes=4)
+        trainer = lt.build_trainer(cfg, enable_progress_bar=False, enable_model_summary=False)
+        with pytest.raises(lt.ConfigError, match="ptq: Sequential has no Conv/Linear layer to quantize"):
+            trainer.fit(no_layers, datamodule=_datamodule(cfg))
+        assert trainer.global_step == 0 and not (tmp_path / "q2").exists()  # failed before a file: removed
+    finally:
+        register_format("engine", engine, override=True)
 
 
 def _saved_weights(tmp_path, module, **extra):

@@ -9,6 +9,7 @@ from typing import Any
 
 from lightrainer.callbacks.checkpoint import RunCheckpoint
 from lightrainer.callbacks.early_stopping import FitnessEarlyStopping
+from lightrainer.callbacks.interrupt import InterruptCheckpoint
 from lightrainer.callbacks.progress import LightrainerProgressBar
 from lightrainer.callbacks.results import ResultsCSV
 
@@ -18,7 +19,7 @@ _LAZY = {
     "QATCallback": "lightrainer.callbacks.qat",
 }
 
-__all__ = ["FitnessEarlyStopping", "LightrainerProgressBar", "ResultsCSV", "RunCheckpoint", *_LAZY]
+__all__ = ["FitnessEarlyStopping", "InterruptCheckpoint", "LightrainerProgressBar", "ResultsCSV", "RunCheckpoint", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,7 @@ and the ``CheckpointIO`` plugin.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import os
 from pathlib import Path
@@ -22,10 +23,62 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
 
+from lightrainer.errors import TrainingDiverged
 from lightrainer.record import class_path_of, run_record
 from lightrainer.io import atomic_torch_save
 from lightrainer.version import __version__
+
+log = logging.getLogger(__name__)
+
+
+def nan_entries(obj: Any, prefix: str = "") -> list[str]:
+    """Where a nested checkpoint (dicts, lists, tuples of tensors and values) holds NaN: the
+    dotted names of its floating tensors with a NaN. NaN has no legitimate use in a saved state."""
+    if isinstance(obj, Tensor):
+        floating = obj.is_floating_point() or obj.is_complex()
+        return [prefix or "tensor"] if floating and bool(torch.isnan(obj.detach()).any()) else []
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return []
+    return [name for key, value in items for name in nan_entries(value, f"{prefix}.{key}" if prefix else str(key))]
+
+
+def non_finite_tensors(pl_module: nn.Module) -> list[str]:
+    """The module's parameters that are not finite and its buffers that hold NaN (a buffer may
+    hold inf on purpose, as an attention mask does), the EMA weights' included."""
+    modules = [("", pl_module)]
+    ema = getattr(pl_module, "ema", None)
+    if isinstance(getattr(ema, "module", None), nn.Module):
+        modules.append(("ema.", ema.module))
+    bad = []
+    for prefix, module in modules:
+        for name, value in module.state_dict(keep_vars=True).items():
+            if not isinstance(value, Tensor) or not (value.is_floating_point() or value.is_complex()):
+                continue
+            data = value.detach()
+            broken = ~torch.isfinite(data).all() if isinstance(value, nn.Parameter) else torch.isnan(data).any()
+            if bool(broken):
+                bad.append(prefix + name)
+    return bad
+
+
+def trained_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a Lightning checkpoint that hold the trained state: the weights, the
+    optimizer's state, lightrainer's pending gradients and EMA (not the metrics that the loops and
+    callbacks record, which may be NaN legitimately)."""
+    own = checkpoint.get("lightrainer") if isinstance(checkpoint.get("lightrainer"), dict) else {}
+    state = {k: checkpoint[k] for k in ("state_dict", "optimizer_states") if k in checkpoint}
+    state.update({f"lightrainer.{k}": own[k] for k in ("pending_grads", "ema") if own.get(k) is not None})
+    return state
+
+
+def _listed(names: list[str], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def weights_payload(trainer: L.Trainer, pl_module: L.LightningModule, best_fitness: float | None) -> dict[str, Any]:
@@ -56,11 +109,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     :func:`lightrainer.io.atomic_torch_save` (temporary file, fsync, rename): a kill or a power
     loss while a ``.ckpt`` is written leaves the previous complete file. Remote (fsspec URL)
     paths and ``storage_options`` go to Lightning's own writer.
+
+    A checkpoint that holds NaN anywhere (weights, optimizer state, pending gradients) is not
+    written: the error is logged and the previous file is kept.
     """
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
     ) -> None:
+        nan = nan_entries(trained_state(checkpoint))
+        if nan:
+            log.error("%s is not written: the state holds NaN (%s); the previous file is kept", path, _listed(nan))
+            return
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
@@ -99,6 +159,10 @@ class RunCheckpoint(Checkpoint):
     ``on_save_checkpoint`` runs collectives under DDP); rank 0 writes. The best score is part of
     the checkpoint, so a resumed run keeps it.
 
+    A model whose parameters are not finite (or whose buffers hold NaN) is never saved: the run
+    stops with :class:`~lightrainer.errors.TrainingDiverged` and the files of the last finite
+    epoch stay.
+
     Args:
         dirpath: the run's ``weights`` folder.
 
@@ -132,8 +196,16 @@ class RunCheckpoint(Checkpoint):
             )
         current = None if value is None else float(value)
         better = current is not None and improves(current, self.best_model_score, self.mode)
+        broken = non_finite_tensors(pl_module) if trainer.is_global_zero else []
         # Rank 0 decides, so that every rank calls save_checkpoint (a collective) the same times.
-        better, current = trainer.strategy.broadcast((better, current), src=0)
+        better, current, broken = trainer.strategy.broadcast((better, current, broken), src=0)
+        if broken:
+            # Training cannot make these finite again, and no later state could be saved.
+            raise TrainingDiverged(
+                f"epoch {trainer.current_epoch + 1}: the model's state is not finite ({_listed(broken)}); it is not "
+                f"saved, and {self.dirpath} keeps the last finite checkpoints. Lower lr0 (or raise warmup_epochs) "
+                "or look for NaN/inf in the data"
+            )
         if better:
             self.best_model_score = current
             self._save(trainer, pl_module, "best")

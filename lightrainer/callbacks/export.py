@@ -15,11 +15,37 @@ from lightrainer.config import Config
 from lightrainer.export.errors import ExportError, MissingDependencyError
 from lightrainer.export.graph import require_onnx
 from lightrainer.export.pipeline import export_from_weights
-from lightrainer.export.tensorrt import check_tensorrt
 from lightrainer.export.verify import require_onnxruntime
 from lightrainer.quant.workflow import check_quant_config, ptq_network
+from lightrainer.registry import EXPORT_FORMATS
 
 log = logging.getLogger(__name__)
+
+
+def export_format(cfg: Config) -> str | None:
+    """The format a run exports after fit: "engine" for ``export: engine`` or ``trt_quant``, else
+    ``cfg.export`` (None: nothing to export)."""
+    if cfg.export == "engine" or cfg.trt_quant:
+        return "engine"
+    return cfg.export
+
+
+def check_export_dependencies(cfg: Config) -> None:
+    """What the export after fit needs, checked before any work (``build_trainer`` calls it before
+    the run folder exists): onnx and onnxruntime, and the format's registered ``check`` (TensorRT
+    and a GPU for an engine).
+
+    Raises:
+        MissingDependencyError: one line naming what is missing and how to install it.
+    """
+    fmt = export_format(cfg)
+    if fmt is None:
+        return
+    require_onnx()
+    require_onnxruntime()
+    check = EXPORT_FORMATS.get(fmt, "export").check
+    if check is not None:
+        check()
 
 
 class ExportCallback(Callback):
@@ -55,9 +81,7 @@ class ExportCallback(Callback):
     @property
     def format(self) -> str | None:
         """"engine", "onnx" or None (nothing to export)."""
-        if self.cfg.export == "engine" or self.cfg.trt_quant:
-            return "engine"
-        return self.cfg.export
+        return export_format(self.cfg)
 
     @property
     def runs_ptq(self) -> bool:
@@ -67,13 +91,10 @@ class ExportCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self.format is None:
             return
-        require_onnx()
-        require_onnxruntime()
+        check_export_dependencies(self.cfg)
         if self.runs_ptq:
             # trt_quant alone runs PTQ after fit: its settings, backend and layers are checked now.
             check_quant_config(self.cfg.replace(ptq=True, qat=False), pl_module.net)
-        if self.format == "engine":
-            check_tensorrt()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.format is None or not trainer.is_global_zero:

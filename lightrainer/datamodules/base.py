@@ -12,7 +12,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightrainer.config import Config, ConfigError
-from lightrainer.datamodules.memory import BatchTransform, InMemoryBatchLoader, RandomShift
+from lightrainer.datamodules.augment import batch_augment
+from lightrainer.datamodules.memory import BatchTransform, InMemoryBatchLoader
+from lightrainer.datamodules.resumable import EpochRandomSampler, ResumableBatchSampler, ResumableDataLoader
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +111,11 @@ class LightrainerDataModule(lightning.LightningDataModule):
         raise NotImplementedError(f"{type(self).__name__} must implement load()")
 
     def train_transform(self) -> Optional[BatchTransform]:
-        """The training-batch augmentation: a ``cfg.shift`` random shift for image tensors."""
-        if self.cfg.shift > 0 and isinstance(self.train_data, tuple) and self.train_data[0].dim() == 4:
-            return RandomShift(self.cfg.shift, fill=self.fill_value)
+        """The training-batch augmentation of image tensors: ``cfg.shift`` and the augmentation
+        keys of the config's task (:func:`lightrainer.datamodules.augment.batch_augment`)."""
+        if isinstance(self.train_data, tuple) and self.train_data[0].dim() == 4:
+            return batch_augment(self.cfg, mean=self.mean, std=self.std, fill=self.fill_value,
+                                 num_classes=self.num_classes)
         return None
 
     # --- helpers for subclasses ------------------------------------------------------------
@@ -198,13 +202,17 @@ class LightrainerDataModule(lightning.LightningDataModule):
             )
         dataset = TensorDataset(*(t for t in data if t is not None)) if isinstance(data, tuple) else data
         workers = self.cfg.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=batch,
-            shuffle=train,
+        options = dict(
             num_workers=workers,
             collate_fn=self.collate_fn,
             pin_memory=self._uses_cuda(),
             persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(self.cfg.seed) if train else None,
+            # A generator of its own: making an iterator never draws from the global one, which a
+            # resumed run restores from its checkpoint.
+            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
+        if not train:
+            return DataLoader(dataset, batch_size=batch, **options)
+        # Epoch-seeded order and a stateful loader: a run stopped mid-epoch resumes exactly.
+        batches = ResumableBatchSampler(EpochRandomSampler(dataset, seed=self.cfg.seed), batch, drop_last=False)
+        return ResumableDataLoader(dataset, batch_sampler=batches, **options)

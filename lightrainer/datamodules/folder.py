@@ -1,4 +1,4 @@
-"""A datamodule over a folder of the user's own images, decoded once and held in memory."""
+"""A datamodule over a folder of the user's own images: held in memory when it fits, else streamed."""
 
 from __future__ import annotations
 
@@ -6,11 +6,20 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from lightrainer.config import Config, ConfigError
-from lightrainer.datamodules.base import LightrainerDataModule, SplitData
+from lightrainer.datamodules.augment import batch_augment
+from lightrainer.datamodules.base import LightrainerDataModule, SplitData, stratified_split
+from lightrainer.datamodules.memory import BatchTransform, InMemoryBatchLoader
+from lightrainer.datamodules.stream import (
+    ImageFiles,
+    StreamBatchLoader,
+    check_image_files,
+    choose_decoder,
+    decode_all,
+    to_float,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +34,18 @@ def _image_files(folder: Path, recursive: bool) -> list[Path]:
 class ImageFolderDataModule(LightrainerDataModule):
     """Images from ``root/<class>/*.png`` (labeled) or any images under ``root`` (unlabeled).
 
-    Every image is decoded with Pillow, converted to ``channels`` channels, resized to
-    ``image_size`` and kept in memory as float tensors ``(x - mean) / std`` with x in [0, 1], so
-    batches come from the in-memory batch loader. Classes are the sorted subfolder names. The
-    ``cfg.val_split`` split is stratified by class and seeded by ``cfg.seed``.
+    Every image is decoded (:func:`lightrainer.datamodules.stream.decode_image`: ``channels``
+    channels, shorter side resized to ``image_size``, centre-cropped) and normalised as
+    ``(x / 255 - mean) / std``. When the decoded set fits ``max_memory_gb`` as float32 it is
+    decoded once (in ``cfg.num_workers`` processes) and held in memory; otherwise, or always with
+    ``stream=True``, it is streamed: workers decode each batch and it stays uint8 until it reaches
+    the device (:class:`~lightrainer.datamodules.stream.StreamBatchLoader`). Both give the same
+    batches for the same seed. Classes are the sorted subfolder names. The ``cfg.val_split``
+    split is stratified by class and seeded by ``cfg.seed``. Training batches get ``shift`` and
+    the task's augmentation keys (:mod:`lightrainer.datamodules.augment`), on the device.
+
+    Every file's header and end are checked before training: an unreadable or truncated file is
+    refused by name, or skipped and counted in the log with ``skip_bad_images=True``.
 
     Args:
         cfg: the training config.
@@ -36,10 +53,13 @@ class ImageFolderDataModule(LightrainerDataModule):
         image_size: output size, an int (square) or ``(height, width)``.
         labels: one subfolder per class (True) or unlabeled images anywhere under ``root`` (False).
         channels: 1 (grayscale) or 3 (RGB).
-        mean, std: per-channel normalisation after scaling to [0, 1].
-        max_memory_gb: refuse to decode more than this many GB of float pixels.
-        collate_fn: optional custom collate (forces a torch DataLoader).
-        data_on_device: keep the tensors on the trainer's GPU when it uses one.
+        mean, std: per-channel normalisation after scaling to [0, 1] (default 0 and 1; with a
+            pretrained backbone, its own, usually ImageNet's).
+        max_memory_gb: the most float pixels to hold in memory; a larger set is streamed.
+        collate_fn: optional custom collate (forces a torch DataLoader over the in-memory tensors).
+        data_on_device: keep in-memory tensors on the trainer's GPU when it uses one.
+        stream: True: always stream; False: never (refuse a set above ``max_memory_gb``); None: by size.
+        skip_bad_images: skip unreadable files (counted in the log) instead of refusing them.
 
     Raises:
         ConfigError: a missing folder, no images (or no class folders), a bad size or channel count.
@@ -59,9 +79,12 @@ class ImageFolderDataModule(LightrainerDataModule):
         max_memory_gb: float = 4.0,
         collate_fn: Optional[Callable[[list], Any]] = None,
         data_on_device: bool = True,
+        stream: Optional[bool] = None,
+        skip_bad_images: bool = False,
     ) -> None:
         super().__init__(cfg, collate_fn=collate_fn, data_on_device=data_on_device)
-        self.root = Path(root).expanduser()
+        # A string (plain data): the run's record keeps it, so `export --weights` rebuilds the data.
+        self.root = str(Path(root).expanduser())
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if len(size) != 2 or any(int(s) < 1 for s in size):
             raise ConfigError(f"image_size: expected a positive int or (height, width), got {image_size!r}")
@@ -75,23 +98,51 @@ class ImageFolderDataModule(LightrainerDataModule):
         if len(self.mean) != channels or len(self.std) != channels:
             raise ConfigError(f"mean/std: need {channels} values each (one per channel), got {self.mean} and {self.std}")
         self.max_memory_gb = max_memory_gb
+        self.stream = stream
+        self.skip_bad_images = skip_bad_images
+        self._normalization_given = mean is not None or std is not None
         self.input_shape = (channels, *self.image_size)
         self.files, self.targets = self._index()
         if labels:
             self.num_classes = len(self.class_names)
         self.fill_value = float(-self.mean[0] / self.std[0])
 
+    @property
+    def black(self) -> tuple[float, ...]:
+        """Black in normalised units, per channel (the background of shifts and warps)."""
+        return tuple(-m / s for m, s in zip(self.mean, self.std))
+
+    def adopt_normalization(self, mean: Sequence[float], std: Sequence[float]) -> bool:
+        """Normalise as a pretrained network expects, unless ``mean``/``std`` were given.
+
+        Called by a task's ``default_net`` before the data is loaded; values for 3 channels are
+        averaged for grayscale images.
+
+        Returns:
+            Whether the normalisation changed.
+        """
+        if self._normalization_given or self.train_data is not None:
+            return False
+        if len(mean) != self.channels:
+            mean, std = (sum(mean) / len(mean),) * self.channels, (sum(std) / len(std),) * self.channels
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.fill_value = float(-self.mean[0] / self.std[0])
+        log.info("%s: the pretrained network's normalisation, mean %s std %s", type(self).__name__,
+                 [round(m, 4) for m in self.mean], [round(s, 4) for s in self.std])
+        return True
+
     def _index(self) -> tuple[list[Path], Optional[list[int]]]:
         """The image files and their class indices; sets ``class_names`` for labeled folders."""
-        if not self.root.is_dir():
+        root = Path(self.root)
+        if not root.is_dir():
             raise ConfigError(f"root: image folder not found: {self.root}")
         if not self.labels:
-            files = _image_files(self.root, recursive=True)
+            files = _image_files(root, recursive=True)
             if not files:
                 raise ConfigError(f"root: no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
             return files, None
         files, targets, names = [], [], []
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
             images = _image_files(folder, recursive=True)
             if images:
                 targets += [len(names)] * len(images)
@@ -105,34 +156,66 @@ class ImageFolderDataModule(LightrainerDataModule):
         self.class_names = names
         return files, targets
 
-    def _decode(self, path: Path) -> np.ndarray:
-        from PIL import Image
+    def streams(self, n: int) -> bool:
+        """Whether ``n`` images are streamed (``stream``, else: more float pixels than ``max_memory_gb``).
 
-        height, width = self.image_size
-        try:
-            with Image.open(path) as image:
-                image = image.convert("L" if self.channels == 1 else "RGB")
-                if image.size != (width, height):
-                    image = image.resize((width, height), Image.Resampling.BILINEAR)
-                return np.asarray(image, dtype=np.uint8)
-        except OSError as err:
-            raise ConfigError(f"root: cannot decode image {path}: {err}") from None
+        Raises:
+            ConfigError: ``stream=False`` and the set does not fit ``max_memory_gb``.
+        """
+        gigabytes = n * self.channels * self.image_size[0] * self.image_size[1] * 4 / 1e9
+        if self.stream is not None:
+            if not self.stream and gigabytes > self.max_memory_gb:
+                raise ConfigError(
+                    f"root: {n} images of {self.input_shape} need {gigabytes:.1f} GB in memory, above "
+                    f"max_memory_gb={self.max_memory_gb}: stream them (stream=True), use a smaller image_size "
+                    "or raise max_memory_gb"
+                )
+            return bool(self.stream)
+        if gigabytes > self.max_memory_gb:
+            log.info("%s: %d images need %.1f GB as float, above max_memory_gb=%g: streaming them from disk",
+                     type(self).__name__, n, gigabytes, self.max_memory_gb)
+            return True
+        return False
 
     def load(self) -> tuple[SplitData, SplitData]:
-        """Decode every image, normalise, split."""
-        n = len(self.files)
-        gigabytes = n * self.channels * self.image_size[0] * self.image_size[1] * 4 / 1e9
-        if gigabytes > self.max_memory_gb:
-            raise ConfigError(
-                f"root: {n} images of {self.input_shape} need {gigabytes:.1f} GB in memory, above "
-                f"max_memory_gb={self.max_memory_gb}: use a smaller image_size or raise max_memory_gb"
-            )
-        pixels = np.stack([self._decode(p) for p in self.files])
-        x = torch.from_numpy(pixels).float().div_(self.pixel_scale)
-        x = x.unsqueeze(1) if self.channels == 1 else x.permute(0, 3, 1, 2).contiguous()
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
-        x = (x - mean) / std
-        y = None if self.targets is None else torch.tensor(self.targets, dtype=torch.long)
-        log.info("%s: %d images from %s", type(self).__name__, n, self.root)
-        return self.split(x, y)
+        """Check every file, split, and decode everything (in memory) or index the splits (streamed)."""
+        scan = check_image_files([str(p) for p in self.files], self.skip_bad_images, self.cfg.num_workers)
+        targets = None if self.targets is None else [self.targets[i] for i in scan.good]
+        decoders = [choose_decoder(fmt, w, h, self.image_size) for fmt, (w, h) in zip(scan.formats, scan.sizes)]
+        files = ImageFiles([self.files[i] for i in scan.good], targets, self.image_size, self.channels, decoders)
+        log.info("%s: %d images from %s", type(self).__name__, len(files), self.root)
+        if self.streams(len(files)):
+            train, val = stratified_split(len(files), targets, self.cfg.val_split, self.cfg.seed)
+            return files.subset(train), files.subset(val)
+        pixels, y = decode_all(files, self.cfg.num_workers)
+        return self.split(to_float(pixels, self.mean, self.std, self.pixel_scale), y)
+
+    def train_transform(self) -> Optional[BatchTransform]:
+        """``shift`` and the task's augmentation keys, with black (per channel) as the background."""
+        return batch_augment(self.cfg, mean=self.mean, std=self.std, fill=self.black, num_classes=self.num_classes)
+
+    def train_dataloader(self) -> Union[StreamBatchLoader, InMemoryBatchLoader, Any]:
+        """Shuffled, augmented training batches (streamed or from memory)."""
+        streamed = self._stream("train")
+        return streamed if streamed is not None else super().train_dataloader()
+
+    def val_dataloader(self) -> Union[StreamBatchLoader, InMemoryBatchLoader, Any]:
+        """Validation batches in order, each sample once across ranks (streamed or from memory)."""
+        streamed = self._stream("val")
+        return streamed if streamed is not None else super().val_dataloader()
+
+    def _stream(self, stage: str) -> Optional[StreamBatchLoader]:
+        """The streaming loader of ``stage`` when the data is streamed (else None)."""
+        if self.train_data is None:
+            self.setup()
+        files = self.train_data if stage == "train" else self.val_data
+        if not isinstance(files, ImageFiles):
+            return None
+        train = stage == "train"
+        rank, world_size = self._distributed()
+        device = self.trainer.strategy.root_device if self.trainer is not None and self._uses_cuda() else None
+        return StreamBatchLoader(
+            files, self.batch_per_device(), mean=self.mean, std=self.std, shuffle=train, seed=self.cfg.seed,
+            rank=rank, world_size=world_size, equal_batches=train, transform=self.train_transform() if train else None,
+            device=device, num_workers=self.cfg.num_workers,
+        )

@@ -21,17 +21,19 @@ So the batches of one process with batch ``B`` are exactly the union of what ``W
 
 The epoch advances by itself each time a new iteration starts (Lightning calls ``set_epoch`` only
 on ``loader.sampler``, which this loader also provides), and ``state_dict``/``load_state_dict``
-carry the epoch counter, so a resumed run continues the epoch sequence.
+carry the epoch and the batches of it already served, so a resumed run continues the epoch sequence
+and a run stopped mid-epoch (Lightning restores the loader's state) resumes at the next batch.
 
 Augmentation does not depend on the device count either: a transform with ``draw``/``apply`` (such
 as :class:`RandomShift`) draws its parameters for a whole global batch from a generator seeded by
-(seed, epoch, global batch index), and each rank applies its slice.
+(seed, epoch, global batch index), and each rank applies its slice (:func:`apply_shard`; a transform
+that mixes samples fetches its partners from the whole training set by index).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -170,6 +172,9 @@ class InMemoryBatchLoader:
         self.sampler = EpochSampler(lengths[0], shuffle=shuffle, seed=seed)
         self.batch_sampler = None  # Lightning inspects both attributes, as on a DataLoader
         self._ranges = shard_ranges(lengths[0], batch_size, rank, world_size, drop_last, equal_batches)
+        # [epoch, batches served] while an epoch is served; where a resumed epoch starts.
+        self._position: Optional[list[int]] = None
+        self._resume_at: Optional[tuple[int, int]] = None
 
     @property
     def epoch(self) -> int:
@@ -181,12 +186,18 @@ class InMemoryBatchLoader:
         self.sampler.set_epoch(epoch)
 
     def state_dict(self) -> dict[str, int]:
-        """The epoch counter, for resuming (saved by Lightning in its checkpoints)."""
-        return {"epoch": self.sampler.epoch}
+        """Where the loader stands, for resuming (saved by Lightning in its checkpoints): the epoch
+        being served and how many of its batches were served; between epochs, the next epoch and 0."""
+        if self._position is not None:
+            return {"epoch": self._position[0], "batches": self._position[1]}
+        return {"epoch": self.sampler.epoch, "batches": 0}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restore the epoch counter of :meth:`state_dict`."""
-        self.sampler.set_epoch(state["epoch"])
+        """Restore :meth:`state_dict`: the next iteration of that epoch starts after the batches
+        already served (Lightning calls this when it resumes a run stopped mid-epoch)."""
+        epoch = int(state["epoch"])
+        self.sampler.set_epoch(epoch)
+        self._resume_at = (epoch, int(state.get("batches", 0)))
 
     def global_batch_samples(self, batch_idx: int) -> int:
         """Samples in global batch ``batch_idx`` over all ranks: ``batch_size * world_size``
@@ -200,39 +211,88 @@ class InMemoryBatchLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         # A generator: `iter(loader)` alone (Lightning probes it) does not consume an epoch.
-        return self._epoch_batches()
+        return self._served_batches()
 
-    def _epoch_batches(self) -> Iterator[tuple[Tensor, ...]]:
+    def _served_batches(self) -> Iterator[tuple[Tensor, ...]]:
+        """The batches of :meth:`_epoch_batches`, counted for :meth:`state_dict`."""
+        for batch in self._epoch_batches():
+            if self._position is not None:
+                self._position[1] += 1
+            yield batch
+        self._position = None
+
+    def _begin_epoch(self) -> tuple[int, list[tuple[int, int]]]:
+        """Start serving an epoch: its number and the batch ranges still to serve.
+
+        Advances the epoch counter (a plain loop that iterates again gets the next epoch). An epoch
+        restored by :meth:`load_state_dict` skips the batches served before the interruption; a
+        subclass that serves batches its own way calls this to resume the same way.
+        """
         epoch = self.sampler.epoch
         self.sampler.set_epoch(epoch + 1)
+        resume, self._resume_at = self._resume_at, None
+        skip = resume[1] if resume is not None and resume[0] == epoch else 0
+        self._position = [epoch, skip]
+        return epoch, self._ranges[skip:]
+
+    def _epoch_batches(self) -> Iterator[tuple[Tensor, ...]]:
+        epoch, ranges = self._begin_epoch()
         device = self.tensors[0].device
         order = self.sampler.permutation(epoch).to(device) if self.sampler.shuffle else None
-        for start, end in self._ranges:
+        for start, end in ranges:
             if order is None:
                 batch = tuple(t[start:end] for t in self.tensors)
             else:
                 index = order[start:end]
                 batch = tuple(t[index] for t in self.tensors)
             if self.transform is not None:
-                batch = (self._augment(batch[0], epoch, start, end),) + batch[1:]
+                batch = self._augment(batch, epoch, start, end)
             yield batch
 
-    def _augment(self, x: Tensor, epoch: int, start: int, end: int) -> Tensor:
+    def _augment(self, batch: tuple[Tensor, ...], epoch: int, start: int, end: int) -> tuple[Tensor, ...]:
         """Apply the transform so that a sample's randomness does not depend on the device count.
 
         Randomness is drawn for the whole global batch from a generator seeded by (seed, epoch,
         global batch index), and each rank applies its slice: one process and W processes augment
         every sample identically. A plain callable transform gets a generator per rank instead.
         """
+        x = batch[0]
         global_batch = self.batch_size * self.world_size
         index, first = divmod(start, global_batch)
-        generator = torch.Generator(device=x.device).manual_seed(_mix_seed(self.sampler.seed, epoch, index))
         if not (hasattr(self.transform, "draw") and hasattr(self.transform, "apply")):
+            generator = torch.Generator(device=x.device)
             generator.manual_seed(_mix_seed(self.sampler.seed, epoch * 1_000 + index, self.rank))
-            return self.transform(x, generator)
+            return (self.transform(x, generator),) + batch[1:]
         global_size = min(global_batch, self.sampler.n - index * global_batch)
-        params = self.transform.draw(global_size, generator)
-        return self.transform.apply(x, params[..., first:first + (end - start)])
+        params = global_batch_params(self.transform, self.sampler.seed, epoch, index, global_size, x.device)
+        return apply_shard(self.transform, batch, params[..., first:first + (end - start)], self._fetch, self.sampler.n)
+
+    def _fetch(self, rows: Tensor) -> tuple[Tensor, ...]:
+        """The samples at dataset indices ``rows`` (the partners a mixing transform asks for)."""
+        return tuple(t[rows.to(t.device)] for t in self.tensors)
+
+
+def global_batch_params(transform: Any, seed: int, epoch: int, index: int, size: int, device: torch.device) -> Tensor:
+    """``transform.draw`` for global batch ``index`` of ``epoch`` (``size`` samples), from a generator
+    on ``device`` seeded by (seed, epoch, index): the same on every rank and device count."""
+    generator = torch.Generator(device=device).manual_seed(_mix_seed(seed, epoch, index))
+    return transform.draw(size, generator)
+
+
+def apply_shard(
+    transform: Any, batch: tuple[Tensor, ...], params: Tensor, fetch: Callable[[Tensor], tuple[Tensor, ...]],
+    population: int,
+) -> tuple[Tensor, ...]:
+    """Apply a ``draw``/``apply`` transform to this rank's ``batch`` with its columns of ``params``.
+
+    A transform that mixes samples (``apply_batch`` and ``partner_indices``, such as
+    :class:`lightrainer.datamodules.augment.BatchAugment` with mixup) gets the whole batch and the
+    partner samples it asks for, fetched by dataset index (of ``population`` samples) with ``fetch``.
+    """
+    if not hasattr(transform, "apply_batch"):
+        return (transform.apply(batch[0], params),) + batch[1:]
+    wanted = transform.partner_indices(params, population)
+    return transform.apply_batch(batch, params, None if wanted is None else fetch(wanted))
 
 
 class RandomShift:
