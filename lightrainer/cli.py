@@ -379,6 +379,8 @@ def _names_class(value: Any) -> bool:
 def _given_trainer_args(parser: LightningArgumentParser, values: dict[str, Any]) -> dict[str, Any]:
     """The Trainer arguments the user set (those that differ from the Trainer's defaults)."""
     given = values.get("trainer") or {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"trainer: expected a section of Trainer arguments (trainer: {{max_time: ...}}), got {given!r}")
     defaults = (parser.get_defaults().as_dict().get("trainer") or {}) if given else {}
     return {k: v for k, v in given.items() if k in defaults and v != defaults[k]}
 
@@ -478,6 +480,14 @@ def _resumed(command: Command) -> tuple[Config, Path, dict[str, Any]]:
     return effective, path, payload
 
 
+def resumed_run_dir(ckpt: Path) -> Optional[Path]:
+    """Where a resumed run lives: the run folder the checkpoint sits in (``RUN/weights/x.ckpt``
+    with ``RUN/args.yaml``); a checkpoint copied anywhere else starts a new run folder
+    ``save_dir/name[N]`` (None), so nothing is written into a folder that is not a run's."""
+    run = ckpt.resolve().parent.parent
+    return run if ckpt.resolve().parent.name == "weights" and (run / "args.yaml").is_file() else None
+
+
 # ---------------------------------------------------------------------------------- running
 def print_config(cfg: Config, flags: str | None) -> None:
     """``--print_config[=skip_null]``: the validated config as a YAML that ``fit --config`` reads
@@ -500,7 +510,7 @@ def run_lightning(command: Command) -> int:
         module, datamodule, _ = rebuild(payload, **{k: v for k, v in cfg.to_dict().items()})
         module.cfg.sections.update(cfg.sections)
         cfg = module.cfg
-        run_dir = ckpt.parent.parent
+        run_dir = resumed_run_dir(ckpt)
     elif command.rebuild_from is not None:
         module, datamodule, cfg = rebuild(command.rebuild_from, **command.cfg.to_dict())
         cfg.sections.update({k: v for k, v in command.cfg.sections.items() if k == "trainer"})

@@ -34,7 +34,7 @@ from lightrainer.task import (
 
 __all__ = [
     "CLI_SECTIONS", "Config", "ConfigError", "ExtraKey", "TaskKey", "at_least", "choice", "dump_config",
-    "config_yaml", "derived_values", "field_docs", "fraction", "import_class", "load_config", "positive", "register_task_keys", "seed_all",
+    "config_yaml", "derived_values", "field_docs", "fraction", "import_class", "in_range", "load_config", "positive", "register_task_keys", "seed_all",
     "unit_interval",
 ]
 
@@ -66,6 +66,20 @@ def at_least(low: float) -> Callable[[str, Any], Any]:
     def check(key: str, value: Any) -> Any:
         if value < low:
             raise ConfigError(f"{key}: must be >= {low}, got {value!r}")
+        return value
+
+    return check
+
+
+def in_range(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable[[str, Any], Any]:
+    """A check: the value must lie between ``low`` and ``high`` (each end closed unless open)."""
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+
+    def check(key: str, value: Any) -> Any:
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (above and below):
+            raise ConfigError(f"{key}: must be in {left}{low:g}, {high:g}{right}, got {value!r}")
         return value
 
     return check
@@ -188,10 +202,10 @@ class Config:
     trt_quant: bool = _key(False, doc="build an int8 TensorRT engine after fit")
     optimizer: str = _key("Adam", OPTIMIZERS.validator(), "optimizer (a registered optimizer)")
     scheduler: str = _key("Cosine", SCHEDULES.validator(), "lr schedule (a registered schedule)")
-    lr0: float = _key(0.01, positive, "initial learning rate")
+    lr0: float = _key(0.01, in_range(0.0, 10.0, low_open=True), "initial learning rate, in (0, 10]")
     lrf: float = _key(0.01, at_least(0), "final lr = lr0 * lrf")
-    gamma: float = _key(0.9, positive, "Exponential schedule factor")
-    power: float = _key(2.0, positive, "Polynomial schedule power")
+    gamma: float = _key(0.9, in_range(0.0, 1.0, low_open=True), "Exponential schedule factor, in (0, 1]")
+    power: float = _key(2.0, in_range(0.0, 100.0, low_open=True), "Polynomial schedule power, in (0, 100]")
     momentum: float = _key(0.937, unit_interval, "SGD momentum / Adam beta1")
     weight_decay: float = _key(0.0005, at_least(0), "weight decay (scaled by batch*accumulate/nbs)")
     warmup_epochs: float = _key(3.0, at_least(0), "warmup epochs (fractions allowed)")

@@ -9,7 +9,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import lightning as L
 import torch
@@ -318,8 +318,25 @@ def _logger_classes(cfg: Config) -> dict[str, type]:
             from lightning.pytorch.loggers import WandbLogger
         except ImportError:
             raise ConfigError('wandb: True needs wandb: pip install "lightrainer[wandb]"') from None
+        if not cfg.wandb_offline and not wandb_can_log_in(os.environ):
+            raise ConfigError(
+                "wandb: True needs a Weights & Biases login (run `wandb login`, or set WANDB_API_KEY), "
+                "or wandb_offline: True to log to the run folder and sync later"
+            )
         classes["wandb"] = WandbLogger
     return classes
+
+
+def wandb_can_log_in(env: Mapping[str, str]) -> bool:
+    """Whether wandb will run without asking for a login: an API key, offline or disabled mode, or
+    a stored login (~/.netrc entry for api.wandb.ai). A pure decision on the environment."""
+    if env.get("WANDB_API_KEY") or env.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return True
+    netrc = Path(env.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
 
 
 def _loggers(cfg: Config, run_dir: Path, classes: dict[str, type]) -> list:
