@@ -71,7 +71,7 @@ def test_device_forms(device: object, expected: object) -> None:
         ({"batch": 0}, r"batch: must be >= 1"),
         ({"nbs": 0}, r"nbs: must be >= 1"),
         ({"epochs": 0}, r"epochs: must be >= 1"),
-        ({"lr0": 0}, r"lr0: must be > 0"),
+        ({"lr0": 0}, r"lr0: must be in \(0, 10\]"),
         ({"lrf": -0.1}, r"lrf: must be >= 0"),
         ({"momentum": 1.0}, r"momentum: must be in \[0, 1\)"),
         ({"momentum": -0.1}, r"momentum: must be in \[0, 1\)"),
