@@ -340,3 +340,27 @@ def test_a_run_of_the_point_cloud_example_gets_a_clear_message(tmp_path, monkeyp
     sys.modules.pop("point_clouds")
     assert main(["export", "--weights", str(Path(cfg.run_dir) / "weights" / "best.pt")]) == 2
     assert "ArrayDataModule was built in Python with argument(s) train, collate_fn" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("data:\n  class_path: os.system\n  init_args: {command: touch pwned}\n", "os.system does not correspond to a subclass of LightningDataModule"),
+        ("model:\n  class_path: subprocess.Popen\n  init_args: {args: touch pwned}\n", "subprocess.Popen does not correspond to a subclass of LightningModule"),
+        ("data:\n  class_path: subprocess.Popen\n  init_args: {args: touch pwned}\n", "subprocess.Popen does not correspond to a subclass of LightningDataModule"),
+    ],
+)
+def test_a_yaml_class_path_must_be_a_class_of_the_expected_kind(tmp_path, monkeypatch, capsys, section, message) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "evil.yaml"
+    config.write_text("epochs: 1\n" + section)
+    assert main(["fit", "--config", str(config), "--save_dir", str(tmp_path / "runs")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_shift_larger_than_the_images_is_refused_with_no_folder(tmp_path, capsys) -> None:
+    config = REPO / "configs" / "digits.yaml"
+    assert main(["fit", "--config", str(config), "--shift", "1000", "--save_dir", str(tmp_path / "runs")]) == 2
+    assert "shift: 1000 pixels moves 8x8 images out of view" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

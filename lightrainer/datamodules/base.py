@@ -23,6 +23,21 @@ SplitData = Union[TensorPair, Dataset]
 """A split is ``(x, y)`` tensors (``y`` None for image-only data) or any map-style Dataset."""
 
 
+def check_shift(shift: int, images: Any) -> None:
+    """``shift`` must move an image by less than its size (``shift: 1000`` on 8x8 digits shifts
+    every image out of view).
+
+    Raises:
+        ConfigError: a shift as large as the images.
+    """
+    shape = getattr(images, "shape", None)
+    if shift and shape is not None and len(shape) == 4 and shift >= min(shape[2], shape[3]):
+        raise ConfigError(
+            f"shift: {shift} pixels moves {shape[2]}x{shape[3]} images out of view: "
+            f"use less than {min(shape[2], shape[3])} (about a tenth of the side is usual)"
+        )
+
+
 def stratified_split(
     n: int, labels: Optional[Sequence[int] | np.ndarray | Tensor], val_split: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -133,6 +148,7 @@ class LightrainerDataModule(lightning.LightningDataModule):
             self.train_data, self.val_data = self.load()
             log.info("%s: %d training and %d validation samples", type(self).__name__,
                      len(self._first(self.train_data)), len(self._first(self.val_data)))
+            check_shift(self.cfg.shift, self._first(self.train_data))
 
     def train_dataloader(self) -> Union[InMemoryBatchLoader, DataLoader]:
         """Shuffled, augmented training batches."""
