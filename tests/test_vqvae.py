@@ -13,6 +13,7 @@ import yaml
 
 import lightrainer.modules.vqvae as vqvae_task  # registers the VQ-VAE keys
 from lightrainer import ConfigError, load_config
+from lightrainer.config import derived_values
 from lightrainer.datamodules.photos import PhotoPatchesDataModule, RandomPatchLoader, grid_patches, load_photo
 from lightrainer.modules.vqvae import VQVAEModule, build_lpips, build_vqvae
 from lightrainer.modules.vqvae_net import VQVAE, VectorQuantizer, usage_of
