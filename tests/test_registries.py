@@ -257,6 +257,8 @@ def test_every_task_declares_itself(name: str) -> None:
     for key, spec_key in keys.items():
         assert isinstance(spec_key, TaskKey)
         numeric = spec_key.type is float and isinstance(spec_key.default, int) and not isinstance(spec_key.default, bool)
+        if spec_key.default is None:
+            continue  # an optional key (e.g. net: None = the task's default network)
         assert isinstance(spec_key.default, spec_key.type) or numeric, key
         if spec_key.check is not None:
             spec_key.check(key, spec_key.default)
