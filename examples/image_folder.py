@@ -1,6 +1,6 @@
 """Your own images: a folder of JPEGs, a timm backbone and batched augmentation, through `lightrainer fit`.
 
-    python examples/image_folder.py                   # 5,000 JPEGs, timm/resnet18, 5 epochs
+    python examples/image_folder.py                   # 5,000 JPEGs, timm/resnet18, 5 epochs (about 5 min)
     python examples/image_folder.py --count 20000     # the size the benchmarks use
 
 1. Build a folder of JPEGs from the built-in data, laid out as your own photos would be
@@ -38,9 +38,11 @@ optimizer: AdamW
 lr0: 0.002
 warmup_epochs: 1.0
 label_smoothing: 0.1
-net: {net}              # any timm or torchvision classifier: timm/resnet18, torchvision/resnet18, ...
+# A backbone by name: any timm or torchvision classifier (timm/resnet18, torchvision/resnet18, ...).
+net: {net}
 pretrained: False       # True: weights from the local cache only (the error names the file if absent)
-degrees: 10             # augmentation, batched on the device; every key is 0 (off) by default
+# Augmentation, batched on the device; every key is 0 (off) by default. No flips: a flipped 2 is no 2.
+degrees: 10
 translate: 0.1
 scale: 0.3
 hsv_h: 0.015

@@ -278,3 +278,44 @@ def test_a_streamed_epoch_stopped_midway_resumes_at_the_next_batch(folder):
     resumed = dm.train_dataloader()
     resumed.load_state_dict(state)
     assert_same(batches(resumed, 1), whole[2:])
+
+
+def test_a_notebook_run_on_a_streamed_folder_rebuilds_from_its_weights_file(folder, tmp_path):
+    """The datamodule's arguments are plain attributes: `export --weights` rebuilds it (and the
+    backbone) from the run record alone."""
+    pytest.importorskip("timm")
+    from lightrainer.build import rebuild
+
+    cfg = lt.load_config({"save_dir": str(tmp_path), "epochs": 1, "batch": 8, "num_workers": 0, "device": "cpu",
+                          "net": "timm/test_resnet", "fliplr": 0.5, "plots": False}, task_class=ClassificationModule)
+    data = ImageFolderDataModule(cfg, folder, image_size=(16, 16), stream=True, skip_bad_images=True)
+    module = ClassificationModule(ClassificationModule.default_net(cfg, data), cfg)
+    lt.build_trainer(cfg, enable_progress_bar=False, enable_model_summary=False, limit_train_batches=2,
+                     limit_val_batches=1).fit(module, datamodule=data)
+    payload = torch.load(tmp_path / "train" / "weights" / "best.pt", weights_only=True)
+    again, again_data, again_cfg = rebuild(payload)
+    assert isinstance(again_data, ImageFolderDataModule)
+    assert (again_data.root, again_data.image_size, again_data.stream, again_data.skip_bad_images) == (
+        str(folder), (16, 16), True, True)
+    assert again.net.lightrainer_backbone == "timm/test_resnet" and again_cfg.fliplr == 0.5
+    again.net.load_state_dict(payload["model"])
+
+
+def test_a_loader_dropped_mid_epoch_is_freed_at_once(folder):
+    """No reference cycle through the DataLoader's batch sampler: a loader left mid-epoch (as
+    Lightning leaves one at limit_train_batches) is freed by reference counting, which shuts its
+    worker processes down at once (the cycle collector took 5 s a worker)."""
+    import gc
+    import weakref
+
+    dm = datamodule(folder, True, num_workers=1)
+    loader = dm.train_dataloader()
+    served = iter(loader)
+    next(served)
+    ref = weakref.ref(loader)
+    gc.disable()
+    try:
+        del served, loader
+        assert ref() is None
+    finally:
+        gc.enable()

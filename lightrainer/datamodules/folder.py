@@ -6,8 +6,6 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-import torch
-
 from lightrainer.config import Config, ConfigError
 from lightrainer.datamodules.augment import batch_augment
 from lightrainer.datamodules.base import LightrainerDataModule, SplitData, stratified_split
@@ -185,6 +183,9 @@ class ImageFolderDataModule(LightrainerDataModule):
         files = ImageFiles([self.files[i] for i in scan.good], targets, self.image_size, self.channels, decoders)
         log.info("%s: %d images from %s", type(self).__name__, len(files), self.root)
         if self.streams(len(files)):
+            if self.collate_fn is not None:
+                raise ConfigError("collate_fn: a streamed image folder makes its own batches; hold the folder in "
+                                  "memory (stream=False, raise max_memory_gb) to use a collate_fn")
             train, val = stratified_split(len(files), targets, self.cfg.val_split, self.cfg.seed)
             return files.subset(train), files.subset(val)
         pixels, y = decode_all(files, self.cfg.num_workers)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
@@ -250,7 +251,9 @@ class _IndexBatches:
     asks for."""
 
     def __init__(self, loader: StreamBatchLoader) -> None:
-        self.loader = loader
+        # A weak reference: no cycle loader -> DataLoader -> sampler -> loader, so a dropped loader
+        # shuts its workers down at once (collected as a cycle, each worker waited 5 s).
+        self.loader = weakref.ref(loader)
         self.epoch = 0
         self.ranges: list[tuple[int, int]] = list(loader._ranges)
 
@@ -258,10 +261,10 @@ class _IndexBatches:
         return len(self.ranges)
 
     def __iter__(self) -> Iterator[list[int]]:
-        loader = self.loader
-        order = loader.sampler.permutation(self.epoch)
+        # The loader is looked up per batch, never held across a yield (no cycle while suspended).
+        order = self.loader().sampler.permutation(self.epoch)
         for start, end in self.ranges:
-            yield order[start:end].tolist() + loader._partner_rows(self.epoch, start, end)
+            yield order[start:end].tolist() + self.loader()._partner_rows(self.epoch, start, end)
 
 
 class StreamBatchLoader(InMemoryBatchLoader):

@@ -17,6 +17,7 @@ from lightrainer.module import LightrainerModule, StepOutput
 from lightrainer.modules.augment_preview import AugmentPreview
 from lightrainer.modules.backbones import backbone_normalization, build_backbone, check_net
 from lightrainer.modules.nets import SmallCNN
+from lightrainer.record import BUILD_SPECS_ATTR
 from lightrainer.task import ExportOutput, ExportPart, ExportSpec
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,10 @@ class ClassificationModule(LightrainerModule):
                 f"net: the config names the backbone {named} but the task was given another network "
                 f"({type(net).__name__}): keep one (the net key, or a model: init_args: net: section)"
             )
+        if named is not None:
+            # The config names the network: a run's record rebuilds it with default_net from the
+            # config (a timm or torchvision model's own arguments are not plain data).
+            setattr(self, BUILD_SPECS_ATTR, {**(getattr(self, BUILD_SPECS_ATTR, None) or {}), "net": {"default": True}})
         self.num_classes = num_classes or _infer_num_classes(net)
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
