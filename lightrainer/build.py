@@ -254,6 +254,9 @@ def rebuild(payload: Mapping[str, Any], **overrides: Any) -> tuple[L.LightningMo
     config = record.get("config")
     if not isinstance(config, Mapping):
         raise ConfigError("the file's record holds no config: pass --config with the run's YAML")
+    # The file holds the weights: what the task says a rebuild does not need (pretrained: False).
+    declared = getattr(task, "rebuild_overrides", None)
+    overrides = {**(dict(declared) if isinstance(declared, Mapping) else {}), **overrides}
     cfg = load_config({k: v for k, v in config.items() if v is not None}, task_class=task, **overrides)
     data = record.get("data")
     if data == "default":

@@ -66,6 +66,8 @@ _SECTIONS_BY_WORD = {
     "qat": "#quantization-ptq-and-qat",
     "quant": "#quantization-ptq-and-qat",
 }
+# Modules whose errors the "Your own images" section explains.
+_IMAGE_FILES = ("augment", "stream", "folder", "backbones", "checks")
 USAGE = """usage: lightrainer COMMAND [--config FILE ...] [--key value ...]
 
 Train a PyTorch model from one flat YAML file, on PyTorch Lightning.
@@ -591,9 +593,12 @@ def readme_section(err: BaseException) -> str:
     while tb is not None:
         origin = tb.tb_frame.f_code.co_filename
         tb = tb.tb_next
+    origin = origin.replace("\\", "/")
     for package, section in _SECTIONS_BY_PACKAGE.items():
-        if f"lightrainer/{package}/" in origin.replace("\\", "/") or f"callbacks/{package}" in origin:
+        if f"lightrainer/{package}/" in origin or f"callbacks/{package}" in origin:
             return README + section
+    if any(origin.endswith(f"/{name}.py") for name in _IMAGE_FILES):
+        return README + "#your-own-images"
     text = str(err).lower()
     for word, section in _SECTIONS_BY_WORD.items():
         if word in text:

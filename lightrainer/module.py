@@ -61,6 +61,8 @@ class LightrainerModule(L.LightningModule):
     default_datamodule: type | None = None
     #: How the network exports (graphs, input and output names, how each output verifies).
     export_spec: ExportSpec = ExportSpec()
+    #: Keys a run rebuilt from its weights file takes instead of the recorded ones.
+    rebuild_overrides: Mapping[str, Any] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

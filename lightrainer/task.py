@@ -10,7 +10,9 @@ A task is a :class:`~lightrainer.LightrainerModule` subclass. On its class it de
 - ``fitness_key`` / ``fitness_mode``: the metric that selects the best epoch by default;
 - ``default_net(cfg, datamodule)`` and ``default_datamodule``: what a YAML without
   ``model: init_args: net:`` / ``data:`` trains;
-- ``export_spec``: the exported graphs, their input and output names and how each output verifies.
+- ``export_spec``: the exported graphs, their input and output names and how each output verifies;
+- ``rebuild_overrides``: keys a run rebuilt from its weights file takes instead of the recorded
+  ones, because the file holds the weights (``pretrained: False``: no cache file needed to export).
 
 Generic code (config, build, export, verify) reads these through the functions below and never
 names a task. This module is the bottom layer: it imports nothing of lightrainer but the registry.

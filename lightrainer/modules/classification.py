@@ -62,6 +62,8 @@ class ClassificationModule(LightrainerModule):
     fitness_key = "val/acc"
     fitness_mode = "max"
     default_datamodule = MNIST5kDataModule
+    #: Rebuilt from a weights file, a backbone needs no pretrained download: the file holds the weights.
+    rebuild_overrides = {"pretrained": False}
     export_spec = ExportSpec(parts=(ExportPart(input_name="images", outputs=(ExportOutput("logits", "argmax"),)),))
 
     def __init__(self, net: nn.Module | None = None, cfg: Config | None = None, num_classes: int | None = None) -> None:
