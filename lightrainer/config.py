@@ -92,24 +92,11 @@ def positive(key: str, value: Any) -> Any:
     return value
 
 
-def unit_interval(key: str, value: Any) -> Any:
-    """A check: the value must be in [0, 1)."""
-    if not 0 <= value < 1:
-        raise ConfigError(f"{key}: must be in [0, 1), got {value!r}")
-    return value
-
-
-def _percentile(key: str, value: Any) -> Any:
-    if not 0 < value <= 100:
-        raise ConfigError(f"{key}: must be in (0, 100], got {value!r}")
-    return value
-
-
-def fraction(key: str, value: Any) -> Any:
-    """A check: the value must be in (0, 1)."""
-    if not 0 < value < 1:
-        raise ConfigError(f"{key}: must be in (0, 1), got {value!r}")
-    return value
+#: A check: the value must be in [0, 1).
+unit_interval = in_range(0.0, 1.0, high_open=True)
+#: A check: the value must be in (0, 1).
+fraction = in_range(0.0, 1.0, low_open=True, high_open=True)
+_percentile = in_range(0.0, 100.0, low_open=True)
 
 
 #: The largest count a size key takes (batch, epochs, workers, ...): a C int, far past any sane run.

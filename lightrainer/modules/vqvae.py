@@ -23,7 +23,7 @@ import torchmetrics
 from torch import Tensor, nn
 
 from lightrainer.callbacks.recon import ReconstructionGrid
-from lightrainer.config import Config, ConfigError, TaskKey, at_least, choice
+from lightrainer.config import Config, ConfigError, TaskKey, at_least, choice, fraction
 from lightrainer.datamodules.photos import PhotoPatchesDataModule
 from lightrainer.module import LightrainerModule, StepOutput
 from lightrainer.modules.vqvae_net import VQVAE, code_histogram, usage_of
@@ -55,12 +55,6 @@ def _power_of_two(key: str, value: int) -> int:
     return value
 
 
-def _decay(key: str, value: float) -> float:
-    if not 0 < value < 1:
-        raise ConfigError(f"{key}: must be in (0, 1), got {value!r}")
-    return value
-
-
 VQVAE_KEYS = {
         # the seed's loss weights (trainer_imgen_cfg.yml)
         "vq_weight": TaskKey(float, 0.5, _non_negative, "weight of the vector-quantisation loss"),
@@ -79,7 +73,7 @@ VQVAE_KEYS = {
         "code_dim": TaskKey(int, 32, at_least(1), "dimension of each code"),
         "commitment": TaskKey(float, 0.25, _non_negative, "commitment loss weight (beta)"),
         "codebook_ema": TaskKey(bool, False, None, "update the codebook by EMA instead of the gradient"),
-        "codebook_decay": TaskKey(float, 0.99, _decay, "EMA decay of the codebook (codebook_ema: True)"),
+        "codebook_decay": TaskKey(float, 0.99, fraction, "EMA decay of the codebook (codebook_ema: True)"),
         "restart_unused": TaskKey(bool, True, None, "re-initialise codes unused for restart_every steps"),
         "restart_every": TaskKey(int, 50, at_least(1), "training steps between dead-code restarts"),
         # the metrics
