@@ -79,7 +79,9 @@ def main() -> None:
                 "ratio": round(median / base, 2), "lpips_ms": round(1000 * (median - base), 1),
             })  # fmt: skip
 
-    header = f"VQ-VAE step cost with and without LPIPS ({args.config}, {args.threads} thread(s), median of {args.rounds} rounds)"
+    shown = Path(args.config).resolve()
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else Path(shown.name)  # no machine paths
+    header = f"VQ-VAE step cost with and without LPIPS ({shown}, {args.threads} thread(s), median of {args.rounds} rounds)"
     lines = [header, "", "| batch | set-up | ms/step | x no LPIPS | LPIPS ms/step |", "|---:|---|---:|---:|---:|"]
     lines += [f"| {r['batch']} | {r['setup']} | {r['ms_per_step']} | {r['ratio']} | {r['lpips_ms']} |" for r in rows]
     table = "\n".join(lines)
