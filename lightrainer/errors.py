@@ -52,3 +52,8 @@ def closest_hint(key: str, known: Iterable[str]) -> str:
         prefixes = [k for k in known if len(k) >= 3 and (text.startswith(k.lower()) or k.lower().startswith(text))]
         close = sorted(prefixes, key=len, reverse=True)[:1] if len(text) >= 3 else []
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class WriteError(ConfigError):
+    """A file of the run cannot be written (a full disk, a folder that is not writable): the
+    message names the folder and the cause; the previous file is intact. The command exits 2."""

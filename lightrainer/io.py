@@ -9,11 +9,17 @@ This is the bottom layer: it imports nothing of lightrainer.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 from typing import Any, Iterator, Union
 
 import torch
+
+from lightrainer.errors import WriteError
+
+#: errno values that mean "this folder cannot take the file" (full disk, quota, permissions, read-only).
+_CANNOT_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 PathLike = Union[str, os.PathLike]
 
@@ -61,8 +67,17 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     try:
         yield tmp
         replace_durably(tmp, path)
+    except OSError as err:
+        if err.errno not in _CANNOT_WRITE:
+            raise
+        # Name the folder and the cause, not the temporary file (the previous file is intact).
+        raise WriteError(
+            f"cannot write {path.name} in {path.parent}: {err.strerror or err} (a full disk or a folder that is "
+            f"not writable?); {path.name} as it was before is intact"
+        ) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write(path: PathLike, data: Union[str, bytes], encoding: str = "utf-8") -> Path:

@@ -18,6 +18,7 @@ from torch import nn
 
 import lightrainer as lt
 import lightrainer.callbacks.checkpoint as checkpoint_module
+from lightrainer.errors import WriteError
 from lightrainer.callbacks.checkpoint import AtomicCheckpointIO, RunCheckpoint, improves, with_atomic_checkpoint_io
 from lightrainer.datamodules import ArrayDataModule
 from lightrainer.modules import ClassificationModule
@@ -74,7 +75,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_last_ckpt_loadable(tmp
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", save_half_then_fail)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(WriteError, match="No space left"):
         trainer.save_checkpoint(weights / "last.ckpt")
     monkeypatch.undo()
     assert (weights / "last.ckpt").read_bytes() == before

@@ -3,11 +3,14 @@ write is fsynced (the file, and on POSIX the folder that holds the new name)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 
 import pytest
 import torch
 
+from lightrainer.errors import WriteError
 from lightrainer.io import atomic_path, atomic_torch_save, atomic_write, temp_path_for
 
 
@@ -74,7 +77,7 @@ def test_a_failed_fsync_keeps_the_old_file(tmp_path, monkeypatch) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(WriteError, match="No space left"):
         atomic_write(path, b"new: 2\n")
     assert path.read_bytes() == b"old: 1\n"
     assert folder_names(tmp_path) == ["args.yaml"]
@@ -107,3 +110,42 @@ def test_every_write_is_fsynced(tmp_path, fsyncs, write) -> None:
     # The file's content, then (POSIX) the folder, so the rename survives a power loss too.
     assert len(fsyncs) == (2 if os.name == "posix" else 1)
     assert folder_names(tmp_path) == ["file"]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_a_full_disk_or_read_only_folder_names_the_folder_not_a_temp_file(tmp_path, monkeypatch, code) -> None:
+    from lightrainer.errors import WriteError
+    from lightrainer.io import atomic_write
+
+    target = tmp_path / "weights" / "last.pt"
+    target.parent.mkdir()
+    target.write_text("before")
+
+    def refuse(src, dst):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(WriteError, match=rf"cannot write last.pt in {re.escape(str(target.parent))}: .* is intact") as info:
+        atomic_write(target, "after")
+    assert ".tmp" not in str(info.value)
+    assert target.read_text() == "before" and sorted(p.name for p in target.parent.iterdir()) == ["last.pt"]
+
+
+def test_a_disk_that_fills_up_mid_run_ends_with_one_line_naming_the_folder(tmp_path, monkeypatch, capsys) -> None:
+    import lightrainer.io as io
+    from lightrainer.cli import main
+
+    real = io.replace_durably
+
+    def full_at_checkpoints(tmp, path):
+        if str(path).endswith(".ckpt"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(tmp, path)
+
+    monkeypatch.setattr(io, "replace_durably", full_at_checkpoints)
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "digits.yaml")
+    code = main(["fit", "--config", config, "--save_dir", str(tmp_path), "--epochs", "1",
+                 "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2", "--plots", "False"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"in {tmp_path / 'digits' / 'weights'}: No space left on device" in err and ".tmp" not in err
