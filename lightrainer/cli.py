@@ -37,7 +37,7 @@ from lightrainer.config import (
     field_docs,
     load_config,
 )
-from lightrainer.errors import ExportError, MissingDependencyError, TrainingDiverged, closest_hint
+from lightrainer.errors import ExportError, MissingDependencyError, TrainingDiverged, WriteError, closest_hint
 from lightrainer.export.pipeline import benchmark_from_weights, export_from_weights, run_ptq
 from lightrainer.quant.workflow import check_quant_config
 from lightrainer.registry import EXPORT_FORMATS
@@ -593,6 +593,8 @@ def readme_section(err: BaseException) -> str:
     while tb is not None:
         origin = tb.tb_frame.f_code.co_filename
         tb = tb.tb_next
+    if isinstance(err, WriteError):
+        return README + "#crash-safety-and-resume"
     origin = origin.replace("\\", "/")
     for package, section in _SECTIONS_BY_PACKAGE.items():
         if f"lightrainer/{package}/" in origin or f"callbacks/{package}" in origin:

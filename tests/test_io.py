@@ -147,5 +147,7 @@ def test_a_disk_that_fills_up_mid_run_ends_with_one_line_naming_the_folder(tmp_p
     code = main(["fit", "--config", config, "--save_dir", str(tmp_path), "--epochs", "1",
                  "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2", "--plots", "False"])
     err = capsys.readouterr().err
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert f"in {tmp_path / 'digits' / 'weights'}: No space left on device" in err and ".tmp" not in err
+    errors = [line for line in err.splitlines() if line.startswith("lightrainer: error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert f"in {tmp_path / 'digits' / 'weights'}: No space left on device" in errors[0] and ".tmp" not in errors[0]
+    assert errors[0].endswith("(see README.md#crash-safety-and-resume)")
