@@ -326,9 +326,6 @@ class Config:
 _INTERNAL = {"extras", "sections", "run_dir", "world_size", "task_class", "task_specs"}
 _FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name not in _INTERNAL}
 
-# The original name of the closest-key helper (kept for the command line's messages).
-_closest_hint = closest_hint
-
 
 def import_class(path: str, section: str) -> type:
     """The class ``pkg.mod.Name`` names (a task's class name alone finds a registered task).
@@ -361,11 +358,6 @@ def import_class(path: str, section: str) -> type:
     if not isinstance(obj, type):
         raise ConfigError(f"{section}.class_path: {path!r} is a {type(obj).__name__}, not a class")
     return obj
-
-
-def class_path_of(cls: type) -> str:
-    """``pkg.mod.Name`` of a class."""
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _is_none(value: Any) -> bool:
