@@ -30,7 +30,7 @@ from lightrainer.callbacks.checkpoint import AtomicCheckpointIO, nan_entries
 from lightrainer.callbacks.interrupt import exit_code, resume_command
 from lightrainer.config import ConfigError, MAX_CONFIG_BYTES
 from lightrainer.datamodules import ArrayDataModule
-from lightrainer.datamodules.checks import check_images, image_problem
+from lightrainer.datamodules.stream import BadImage, check_image_files, scan_image
 from lightrainer.errors import MissingDependencyError, TrainingDiverged
 from lightrainer.io import temp_path_for
 from lightrainer.module import non_finite_verdict
@@ -384,18 +384,24 @@ def test_damaged_images_and_decompression_bombs_are_refused_by_name(tmp_path) ->
     bomb.write_bytes(_png(20000, 20000))  # 400 million pixels claimed by a few bytes
     big = tmp_path / "big.png"
     big.write_bytes(_png(10000, 10000))  # above our limit, below twice Pillow's
-    assert image_problem(good) is None
+    assert scan_image(str(good)) == ("PNG", 8, 8)
+
+    def problem(path: Path) -> str:
+        with pytest.raises(BadImage) as info:
+            scan_image(str(path))
+        return str(info.value)
+
     for path in (truncated, garbage):
-        assert "not a readable image" in image_problem(path)
-    assert "decompression bomb" in image_problem(big) or "too large" in image_problem(big)
-    assert "too large" in image_problem(bomb) or "decompression bomb" in image_problem(bomb)
-    check_images([good, good])
-    with pytest.raises(ConfigError, match=r"4 of 5 image\(s\) cannot be used: .*truncated\.png.*Remove or replace"):
-        check_images([good, truncated, garbage, bomb, big])
+        assert "not a readable image" in problem(path)
+    assert "decompression bomb" in problem(big) or "too large" in problem(big)
+    assert "too large" in problem(bomb) or "decompression bomb" in problem(bomb)
+    assert len(check_image_files([str(good), str(good)], skip_bad=False).good) == 2
+    with pytest.raises(ConfigError, match=r"4 of 5 image files cannot be read: .*truncated\.png.*Remove or replace"):
+        check_image_files([str(p) for p in (good, truncated, garbage, bomb, big)], skip_bad=False)
     jpeg = tmp_path / "cut.jpg"
     Image.new("RGB", (64, 64), (200, 10, 10)).save(jpeg, quality=95)
     jpeg.write_bytes(jpeg.read_bytes()[:-200])
-    assert image_problem(jpeg, decode=True) is not None  # verify() alone lets a cut JPEG through
+    assert str(jpeg) in problem(jpeg)  # refused by name without decoding the pixels
 
 
 # ------------------------------------------------------------------------------ NaN

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
@@ -42,6 +43,9 @@ TORCHVISION_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
 PARALLEL_MIN_FILES = 1000
 #: Bytes at the end of a file searched for the format's end marker.
 _TAIL_BYTES = 1024
+#: Pixels an image may have (width x height): Pillow's own default limit, about 89 million
+#: (a 9459 x 9459 image). A 20000 x 20000 PNG of a few KB would need 1.6 GB to decode.
+MAX_IMAGE_PIXELS = 89_478_485
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
 
 
@@ -70,18 +74,27 @@ class BadImage(Exception):
 def scan_image(path: str) -> tuple[str, int, int]:
     """(format, width, height) of an image file, from its header and its end.
 
-    Catches what breaks a decode later: not an image, an empty file, an unknown format, and a
-    JPEG or PNG cut short (no end marker in its last kilobyte), without decoding the pixels.
+    Catches what breaks a decode later: not an image, an empty file, an unknown format, a JPEG or
+    PNG cut short (no end marker in its last kilobyte), and an image larger than
+    :data:`MAX_IMAGE_PIXELS` (a decompression bomb: a few KB that decode to GBs), without decoding
+    the pixels.
 
     Raises:
         BadImage: the file cannot be used, with the reason.
     """
     Image, _ = _pil()
     try:
-        with Image.open(path) as image:
-            fmt, (width, height) = image.format or "", image.size
+        with warnings.catch_warnings():
+            # Pillow warns above its own limit and raises above twice it; the limit here is ours.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                fmt, (width, height) = image.format or "", image.size
+    except Image.DecompressionBombError as err:
+        raise BadImage(f"{path}: too large to decode ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise BadImage(f"{path}: not a readable image ({err})") from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise BadImage(f"{path}: {width}x{height} pixels, more than {MAX_IMAGE_PIXELS} (a decompression bomb?)")
     marker = _END_MARKERS.get(fmt)
     if marker is not None:
         with open(path, "rb") as f:
@@ -363,6 +376,6 @@ def check_image_files(files: Sequence[str], skip_bad: bool, num_workers: int = 0
 
 
 __all__ = [
-    "BadImage", "ImageFiles", "ScanResult", "StreamBatchLoader", "check_image_files", "choose_decoder", "decode_all",
+    "MAX_IMAGE_PIXELS", "BadImage", "ImageFiles", "ScanResult", "StreamBatchLoader", "check_image_files", "choose_decoder", "decode_all",
     "decode_image", "resize_crop", "scan_image", "scan_images", "to_float",
 ]
