@@ -229,6 +229,38 @@ def _add_import_paths(paths: Any) -> None:
             sys.path.append(folder)
 
 
+def rebuild_config(payload: Mapping[str, Any], **overrides: Any) -> Config:
+    """The validated config of the run that wrote ``payload``, for the task class it records
+    (imported and checked to be a LightningModule); nothing is built.
+
+    Args:
+        payload: the loaded file (``torch.load(..., weights_only=True)``).
+        **overrides: flat keys that replace the recorded ones (e.g. ``num_workers=0``).
+
+    Raises:
+        ConfigError: no record, a task class that no longer imports (named, with how to pass it)
+            or is not a LightningModule, or values the config refuses.
+    """
+    record = record_of(payload)
+    model = record.get("model")
+    if not isinstance(model, Mapping) or not isinstance(model.get("class_path"), str):
+        raise ConfigError("the file's record names no task class: pass --config with the run's YAML")
+    _add_import_paths(record.get("import_paths"))
+    task = checked_class(model["class_path"], L.LightningModule, "model", _sources(record))
+    config = record.get("config")
+    if not isinstance(config, Mapping):
+        raise ConfigError("the file's record holds no config: pass --config with the run's YAML")
+    # The file holds the weights: what the task says a rebuild does not need (pretrained: False).
+    declared = getattr(task, "rebuild_overrides", None)
+    overrides = {**(dict(declared) if isinstance(declared, Mapping) else {}), **overrides}
+    return load_config({k: v for k, v in config.items() if v is not None}, task_class=task, **overrides)
+
+
+def _sources(record: Mapping[str, Any]) -> Mapping[str, Any]:
+    sources = record.get("sources")
+    return sources if isinstance(sources, Mapping) else {}
+
+
 def rebuild(payload: Mapping[str, Any], **overrides: Any) -> tuple[L.LightningModule, L.LightningDataModule | None, Config]:
     """The task module, datamodule and config of the run that wrote ``payload`` (a weights file's
     content or a checkpoint's ``lightrainer`` entry).
@@ -244,20 +276,9 @@ def rebuild(payload: Mapping[str, Any], **overrides: Any) -> tuple[L.LightningMo
         ConfigError: no record, a class that no longer imports (named, with how to pass it), a
             class of the wrong kind, or values the config refuses.
     """
+    cfg = rebuild_config(payload, **overrides)
     record = record_of(payload)
-    model = record.get("model")
-    if not isinstance(model, Mapping) or not isinstance(model.get("class_path"), str):
-        raise ConfigError("the file's record names no task class: pass --config with the run's YAML")
-    _add_import_paths(record.get("import_paths"))
-    sources = record.get("sources") if isinstance(record.get("sources"), Mapping) else {}
-    task = checked_class(model["class_path"], L.LightningModule, "model", sources)
-    config = record.get("config")
-    if not isinstance(config, Mapping):
-        raise ConfigError("the file's record holds no config: pass --config with the run's YAML")
-    # The file holds the weights: what the task says a rebuild does not need (pretrained: False).
-    declared = getattr(task, "rebuild_overrides", None)
-    overrides = {**(dict(declared) if isinstance(declared, Mapping) else {}), **overrides}
-    cfg = load_config({k: v for k, v in config.items() if v is not None}, task_class=task, **overrides)
+    model, task, sources = record["model"], cfg.task_class, _sources(record)
     data = record.get("data")
     if data == "default":
         default = getattr(task, "default_datamodule", None)
@@ -292,4 +313,4 @@ def _rebuild_net(spec: Any, task: type, cfg: Config, datamodule: Any, sources: M
                        cfg, "net", nn.Module, trusted=False)
 
 
-__all__ = ["build_from_config", "checked_class", "instantiate", "rebuild", "record_of"]
+__all__ = ["build_from_config", "checked_class", "instantiate", "rebuild", "rebuild_config", "record_of"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import re
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -25,7 +24,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 
-from lightrainer.build import build_from_config, instantiate, rebuild
+from lightrainer.build import build_from_config, instantiate, rebuild, rebuild_config
 from lightrainer.config import (
     _FIELDS,
     Config,
@@ -41,9 +40,9 @@ from lightrainer.errors import ExportError, MissingDependencyError, TrainingDive
 from lightrainer.export.pipeline import benchmark_from_weights, export_from_weights, run_ptq
 from lightrainer.quant.workflow import check_quant_config
 from lightrainer.registry import EXPORT_FORMATS
-from lightrainer.runs import load_checkpoint, newest_complete_checkpoint, run_folders
+from lightrainer.runs import create_run_dir, load_checkpoint, newest_complete_checkpoint, run_folders
 from lightrainer.task import task_keys_of
-from lightrainer.trainer import build_trainer, increment_path, trainer_arg_problems
+from lightrainer.trainer import build_trainer, trainer_arg_problems
 from lightrainer.tuner import autobatch, lr_find
 from lightrainer.version import __version__
 from lightrainer.weights import apply_weights, load_weights
@@ -309,7 +308,7 @@ def parse_command(subcommand: str, args: list[str]) -> Command:
     rebuild_from = None
     if source and not scan.configs and not sections_given and subcommand != "fit":
         rebuild_from = _payload(Path(source))
-        _, _, recorded = rebuild(rebuild_from)  # classes checked; the record's config validated
+        recorded = rebuild_config(rebuild_from)  # the task class checked; the record's config validated
         task, defaults = recorded.task_class, recorded.to_dict()
     else:
         task, defaults = _scan_task(scan), {}
@@ -421,12 +420,7 @@ def find_last_checkpoint(cfg: Config) -> Path:
         raise ConfigError(f"--resume / --ckpt_path last: no {cfg.save_dir}/{cfg.name}[N]/weights/last.ckpt to resume from")
     for run in sorted(runs, key=lambda r: max((p.stat().st_mtime for p in r.glob("weights/*.ckpt")), default=0),
                       reverse=True):
-        for damaged in (p for p in (run / "weights" / "last.ckpt", run / "weights" / "best.ckpt") if p.is_file()):
-            try:
-                load_checkpoint(damaged)
-            except ConfigError as err:
-                warnings.warn(f"--resume: skipping {damaged}: {err}", stacklevel=2)
-        found = newest_complete_checkpoint(run, cfg.task_class)
+        found = newest_complete_checkpoint(run, cfg.task_class)  # warns about each one it skips
         if found is not None:
             return found
     raise ConfigError(
@@ -458,9 +452,9 @@ def _resumed(command: Command) -> tuple[Config, Path, dict[str, Any]]:
         ConfigError: no checkpoint, another task's checkpoint, or training keys that differ.
     """
     cfg = command.cfg
-    path = find_last_checkpoint(cfg) if command.resume or command.ckpt_path == "last" else check_checkpoint(command.ckpt_path)
+    path = find_last_checkpoint(cfg) if command.resume or command.ckpt_path == "last" else Path(command.ckpt_path)
     payload = read_checkpoint(path)["lightrainer"]  # another task's checkpoint is refused below, by name
-    _, _, saved = rebuild(payload)
+    saved = rebuild_config(payload)
     if saved.task_class is not cfg.task_class:
         raise ConfigError(
             f"--ckpt_path: {path} is a checkpoint of {saved.task_class.__name__}, not of {cfg.task_class.__name__}: "
@@ -475,7 +469,7 @@ def _resumed(command: Command) -> tuple[Config, Path, dict[str, Any]]:
         )
     allowed = {k: v for k, v in cfg.to_dict().items() if k in RESUMABLE_KEYS and k not in ("save_dir", "name", "exist_ok")}
     changes = {k: (saved.to_dict().get(k), v) for k, v in allowed.items() if saved.to_dict().get(k) != v}
-    _, _, effective = rebuild(payload, **allowed)
+    effective = rebuild_config(payload, **allowed)
     effective.sections.update({k: v for k, v in cfg.sections.items() if k == "trainer"})
     if changes:
         log.info("resuming %s with %s", path, ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
@@ -530,11 +524,13 @@ def run_lightning(command: Command) -> int:
     weights_file = None
     if sub != "fit" and command.ckpt_path:
         path = Path(command.ckpt_path)
+        # A file the run was rebuilt from was read and checked already (parse_command).
+        read = command.rebuild_from
         if path.suffix == ".ckpt":
-            ckpt = check_checkpoint(path)
+            ckpt = path if read is not None else check_checkpoint(path)
         else:
             weights_file = path
-            apply_weights(module.net, load_weights(path)["model"], path)
+            apply_weights(module.net, (read if read is not None else load_weights(path))["model"], path)
     if sub != "fit":
         cfg.name = f"{cfg.name}_{sub}"
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -575,7 +571,7 @@ def run_tune_lr(command: Command) -> int:
     """``lightrainer tune-lr``: the lr range test; prints the suggested lr0 (the config is unchanged)."""
     cfg, values = command.cfg, command.namespace.as_dict()
     module, datamodule = build_from_config(cfg)
-    out_dir = increment_path(Path(cfg.save_dir) / f"{cfg.name}_lr_find")
+    out_dir = create_run_dir(cfg.save_dir, f"{cfg.name}_lr_find", cfg.exist_ok)  # claimed as a run folder is
     result = lr_find(cfg, module, datamodule, min_lr=values["min_lr"], max_lr=values["max_lr"],
                      num_steps=values["num_steps"], out_dir=out_dir, **_trainer_kwargs(cfg))
     if result.suggestion is None:

@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -310,7 +311,7 @@ def newest_complete_checkpoint(run_dir: PathLike, task_class: Optional[type] = N
         try:
             payload = load_checkpoint(path, task_class)
         except ConfigError as err:
-            log.warning("skipping %s: %s", path, err)
+            warnings.warn(f"skipping {path}: {err}", stacklevel=2)
             continue
         progress = (int(payload.get("global_step", -1)), int(payload.get("epoch", -1)), -rank)
         found.append((progress, path))
