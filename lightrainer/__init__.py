@@ -6,8 +6,10 @@ anywhere sees them; a user's own entries register the same way, from their own m
 """
 
 from lightrainer.config import Config, ConfigError, TaskKey, load_config
+from lightrainer.logs import install_fallback_handler
 from lightrainer.module import LightrainerModule
 from lightrainer.trainer import build_trainer
+from lightrainer.sweep import tune
 from lightrainer.version import __version__
 
 # The built-in entries of the registries (imported for their registrations).
@@ -16,4 +18,7 @@ import lightrainer.export  # noqa: E402,F401
 import lightrainer.modules  # noqa: E402,F401
 import lightrainer.quant  # noqa: E402,F401
 
-__all__ = ["Config", "ConfigError", "LightrainerModule", "TaskKey", "build_trainer", "load_config", "__version__"]
+# A notebook or script that set up no logging still sees the epoch lines and the closing summary.
+install_fallback_handler()
+
+__all__ = ["Config", "ConfigError", "LightrainerModule", "TaskKey", "build_trainer", "load_config", "tune", "__version__"]

@@ -24,7 +24,10 @@ import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 
+from lightrainer.assets import resolve_config
 from lightrainer.build import build_from_config, instantiate, rebuild, rebuild_config
+from lightrainer.callbacks.predictions import PredictionWriter
+from lightrainer.callbacks.test_results import TestResults
 from lightrainer.config import (
     _FIELDS,
     Config,
@@ -41,6 +44,7 @@ from lightrainer.export.pipeline import benchmark_from_weights, export_from_weig
 from lightrainer.quant.workflow import check_quant_config
 from lightrainer.registry import EXPORT_FORMATS
 from lightrainer.runs import create_run_dir, load_checkpoint, newest_complete_checkpoint, run_folders
+from lightrainer.sweep import add_tune_arguments, tune_command
 from lightrainer.task import task_keys_of
 from lightrainer.trainer import build_trainer, trainer_arg_problems
 from lightrainer.tuner import autobatch, lr_find
@@ -53,6 +57,7 @@ README = "README.md"
 # Where the README explains an error: by the package that raised it, then by words in the message.
 _SECTIONS_BY_PACKAGE = {"quant": "#quantization-ptq-and-qat", "export": "#export-onnx-tensorrt"}
 _SECTIONS_BY_WORD = {
+    "tune:": "#sweeps",
     "ckpt_path": "#crash-safety-and-resume",
     "resume": "#crash-safety-and-resume",
     "device": "#multi-gpu-and-multi-node",
@@ -80,13 +85,14 @@ commands:
   ptq        int8 calibration:      lightrainer ptq --weights RUN/weights/best.pt --method max
   benchmark  latency table:         lightrainer benchmark --weights RUN/weights/best.pt
   tune-lr    lr range test:         lightrainer tune-lr --config FILE   (and batch: -1 sizes the batch to the GPU)
+  tune       sweep keys (Optuna):   lightrainer tune --config FILE --space S.yaml --trials 20 [--workers 2]
 
 Every YAML key is also a flag (--batch 64); several --config files merge, later ones win.
 Resume a run: lightrainer fit --config FILE --resume. --version prints the version.
 'lightrainer COMMAND --help' lists the options of a command; the README has a table of every key."""
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TOOL_SUBCOMMANDS = ("export", "ptq", "benchmark")
-TUNER_SUBCOMMANDS = ("tune-lr",)
+TUNER_SUBCOMMANDS = ("tune-lr", "tune")
 SUBCOMMANDS = LIGHTNING_SUBCOMMANDS + TOOL_SUBCOMMANDS + TUNER_SUBCOMMANDS
 #: ``batch: -1``: size the batch to the GPU (Ultralytics' AutoBatch); probed at this batch first.
 AUTOBATCH, AUTOBATCH_PROBE = -1, 16
@@ -94,7 +100,8 @@ AUTOBATCH, AUTOBATCH_PROBE = -1, 16
 #: does after. Any other key differing from the checkpoint's is refused.
 RESUMABLE_KEYS = frozenset({
     "device", "devices", "num_nodes", "num_workers", "epochs", "patience", "save_dir", "name", "exist_ok",
-    "tensorboard", "wandb", "wandb_project", "wandb_offline", "plots", "compile", "channels_last",
+    "tensorboard", "wandb", "wandb_project", "wandb_offline", "mlflow", "mlflow_uri", "progress", "plots",
+    "compile", "channels_last",
     "deterministic", "ptq", "num_batches", "method", "percentile", "quant_backend", "export", "trt_quant",
 })
 
@@ -148,9 +155,14 @@ def make_parser(subcommand: str, task: type | None) -> LightningArgumentParser:
         parser.add_argument("--min_lr", type=float, default=1e-6, help="lr0 at the start of the sweep")
         parser.add_argument("--max_lr", type=float, default=1.0, help="lr0 at the end of the sweep")
         parser.add_argument("--num_steps", type=int, default=100, help="optimizer steps of the sweep")
+    if subcommand == "tune":
+        add_tune_arguments(parser)
     if subcommand == "fit":
         parser.add_argument("--resume", action=ActionYesNo, default=False,
                             help="continue the newest run save_dir/name[N] from its last complete checkpoint")
+    if subcommand == "predict":
+        parser.add_argument("--source", type=Optional[str], default=None,
+                            help="a folder of images to predict on (default: the test split)")
     if subcommand in TOOL_SUBCOMMANDS:
         parser.add_argument("--weights", type=str, required=True, help="a run's weights file: RUN/weights/best.pt")
     if subcommand == "export":
@@ -176,6 +188,23 @@ def _deep_merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for key, value in update.items():
         out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _config_args(args: list[str]) -> list[str]:
+    """The arguments with each ``--config NAME`` naming a shipped config (``mnist.yaml``,
+    ``configs/mnist.yaml``) that is not on disk replaced by the shipped file's path, so the pre-scan
+    and jsonargparse read the same file."""
+    def resolved(value: str) -> str:
+        path = resolve_config(value)
+        return str(path) if path != Path(value) else value
+
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg in ("-c", "--config") and i + 1 < len(out):
+            out[i + 1] = resolved(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolved(arg.partition("=")[2])
     return out
 
 
@@ -300,7 +329,7 @@ def parse_command(subcommand: str, args: list[str]) -> Command:
     Raises:
         ConfigError: any user mistake, as one line naming the key.
     """
-    args, print_flags = _print_config_flag(args)
+    args, print_flags = _print_config_flag(_config_args(args))
     add_import_path(Path.cwd())
     scan = _scan(args)
     sections_given = bool({"model", "data"} & set(scan.merged)) or any(k.split(".")[0] in ("model", "data") for k in scan.flags)
@@ -531,16 +560,43 @@ def run_lightning(command: Command) -> int:
         else:
             weights_file = path
             apply_weights(module.net, (read if read is not None else load_weights(path))["model"], path)
+    source = command.namespace.get("source") if sub == "predict" else None
+    if source:
+        _predict_on(datamodule, source)  # a bad folder stops here, before any run folder exists
     if sub != "fit":
         cfg.name = f"{cfg.name}_{sub}"
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    trainer = build_trainer(cfg, run_dir=run_dir, **_trainer_kwargs(cfg))
+    kwargs = _trainer_kwargs(cfg)
+    given = kwargs.get("callbacks") or []
+    kwargs["callbacks"] = [*(given if isinstance(given, list) else [given]), *_result_writers(sub, command.ckpt_path)]
+    trainer = build_trainer(cfg, run_dir=run_dir, **kwargs)
     if weights_file is not None:
         log.info("%s: weights from %s", sub, weights_file)
     method = getattr(trainer, sub)
+    # predict: PredictionWriter writes the rows; the Trainer need not hold them all.
+    options = {"return_predictions": False} if sub == "predict" else {}
     # weights_only: our checkpoints hold tensors and plain values only.
-    method(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    method(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True, **options)
     return 0
+
+
+def _result_writers(sub: str, weights: Optional[str]) -> list[Any]:
+    """The callbacks that write what test (test_results.csv/.md) and predict (predictions.csv) found."""
+    if sub == "test":
+        return [TestResults(weights)]
+    return [PredictionWriter()] if sub == "predict" else []
+
+
+def _predict_on(datamodule: Any, source: str) -> None:
+    """``predict --source FOLDER``: the datamodule serves that folder's images to predict.
+
+    Raises:
+        ConfigError: a datamodule that cannot read images, no such folder, no images in it.
+    """
+    if not hasattr(datamodule, "predict_on"):
+        raise ConfigError(f"--source: {type(datamodule).__name__} cannot read a folder of images (a lightrainer "
+                          "datamodule can): leave --source out to predict on its own data")
+    datamodule.predict_on(source)
 
 
 def run_tool(command: Command) -> int:
@@ -582,6 +638,17 @@ def run_tune_lr(command: Command) -> int:
     return 0
 
 
+def run_tune(command: Command) -> int:
+    """``lightrainer tune``: a sweep over the keys of ``--space`` (:mod:`lightrainer.sweep`)."""
+    if command.ckpt_path:
+        raise ConfigError("tune: --ckpt_path is not for a sweep (every trial trains from the start); drop it")
+    if command.print_config is not None:
+        print_config(command.cfg, command.print_config)
+        return 0
+    tune_command(command.cfg, command.namespace.as_dict())
+    return 0
+
+
 # ---------------------------------------------------------------------------------- entry point
 def readme_section(err: BaseException) -> str:
     """The README section that explains ``err``."""
@@ -615,7 +682,7 @@ def _is_user_error(err: Exception) -> bool:
 def _help(subcommand: str, args: list[str]) -> int:
     """``COMMAND --help``: the options of the command, with the keys of the config's task."""
     try:
-        scan = _scan([a for a in args if a not in ("-h", "--help")])
+        scan = _scan(_config_args([a for a in args if a not in ("-h", "--help")]))
         task = _scan_task(scan)
     except ConfigError:
         task = load_config().task_class
@@ -644,6 +711,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         command = parse_command(subcommand, args)
         if subcommand in TOOL_SUBCOMMANDS:
             return run_tool(command)
+        if subcommand == "tune":
+            return run_tune(command)
         if subcommand in TUNER_SUBCOMMANDS:
             return run_tune_lr(command)
         return run_lightning(command)

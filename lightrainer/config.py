@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Union
 
 import yaml
 
+from lightrainer.assets import resolve_config, shipped_configs
 from lightrainer.errors import ConfigError, closest_hint
 from lightrainer.io import atomic_write
 from lightrainer.registry import CALIBRATION_METHODS, EXPORT_FORMATS, OPTIMIZERS, QUANT_BACKENDS, SCHEDULES, TASKS
@@ -155,6 +156,23 @@ def _run_name(key: str, value: Any) -> str:
     return name
 
 
+#: ``amp`` as written: False/True, or a precision name (normalised by :func:`_amp`).
+AmpSetting = Union[bool, str]
+#: The ``progress`` key's choices.
+PROGRESS_MODES = ("auto", "bar", "lines", "off")
+_AMP_NAMES = {"false": False, "fp32": False, "true": True, "fp16": True, "16": True, "bf16": "bf16"}
+
+
+def _amp(key: str, value: Any) -> Union[bool, str]:
+    """``amp``: False (fp32), True or fp16 (fp16 mixed precision), bf16 (bf16 mixed precision);
+    normalised to False, True or "bf16", so a seed file's ``amp: True`` reads as before."""
+    canonical = _AMP_NAMES.get(str(value).strip().lower())
+    if canonical is None:
+        raise ConfigError(f"{key}: {value!r} is not one of False, True, fp16, bf16 (True means fp16)"
+                          + closest_hint(str(value), ("fp16", "bf16")))
+    return canonical
+
+
 def _key(default: Any, check: Callable[[str, Any], Any] | None = None, doc: str = "") -> Any:
     """A config field: its default, an optional validator and a one-line meaning (for the docs)."""
     return field(default=default, metadata={"check": check, "doc": doc})
@@ -181,7 +199,8 @@ class Config:
     patience: int = _key(100, between(0, INT_MAX), "epochs without fitness improvement before stopping (0 = off)")
     epochs: int = _key(200, between(1, INT_MAX), "training epochs")
     exist_ok: bool = _key(False, doc="reuse save_dir/name instead of incrementing it")
-    amp: bool = _key(False, doc="automatic mixed precision where the device supports it")
+    amp: AmpSetting = _key(False, _amp, "mixed precision: False, True or fp16 (CUDA), bf16 (CUDA with bf16 "
+                           "support, or the CPU)")
     ptq: bool = _key(False, doc="post-training quantization after fit")
     num_batches: Union[int, None] = _key(None, between(1, INT_MAX), "PTQ calibration batches (None = all)")
     method: str = _key("entropy", CALIBRATION_METHODS.validator(), "PTQ amax method (a registered calibration method)")
@@ -207,6 +226,7 @@ class Config:
     deterministic: bool = _key(False, doc="torch deterministic algorithms")
     grad_clip: float = _key(10.0, at_least(0), "gradient norm clip (0 = off)")
     val_split: float = _key(0.2, fraction, "fraction held out for validation (stratified)")
+    test_split: float = _key(0.0, unit_interval, "fraction held out for `lightrainer test` (stratified; 0 = none)")
     devices: Union[int, None] = _key(None, between(1, INT_MAX), "number of devices (overrides device count)")
     num_nodes: int = _key(1, between(1, INT_MAX), "number of machines")
     sync_bn: Union[bool, None] = _key(None, doc="SyncBatchNorm (None = on when several devices)")
@@ -214,6 +234,11 @@ class Config:
     wandb: bool = _key(False, doc="also log to Weights & Biases")
     wandb_project: str = _key("lightrainer", doc="wandb project")
     wandb_offline: bool = _key(False, doc="wandb offline mode (no network)")
+    mlflow: bool = _key(False, doc="also log to MLflow (a local store, RUN/mlflow.db, unless mlflow_uri)")
+    mlflow_uri: Union[str, None] = _key(None, doc="MLflow tracking server or store URI (None = RUN/mlflow.db)")
+    progress: Union[str, None] = _key("auto", choice(PROGRESS_MODES), "training output: bar (a live bar), lines "
+                                      "(a line per epoch, for log files), off (None too), or auto (bar on a "
+                                      "terminal or in a notebook, lines otherwise)")
     plots: bool = _key(True, doc="write results.png and task plots")
     shift: int = _key(0, at_least(0), "random +-shift pixels for training images (in-memory image data)")
     percentile: float = _key(99.99, _percentile, "PTQ percentile method's percentile")
@@ -508,7 +533,9 @@ def _read_config_text(path: Path) -> str:
         with open(path, "rb") as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        shipped = ", ".join(shipped_configs())
+        hint = f" (shipped configs, by name: {shipped})" if shipped else ""
+        raise ConfigError(f"config file not found: {path}{hint}") from None
     except PermissionError:
         raise ConfigError(f"{path}: cannot read the config file (permission denied); check its permissions") from None
     except OSError as err:
@@ -576,7 +603,7 @@ def load_config(
     elif isinstance(source, Mapping):
         raw = dict(source)
     else:
-        raw = _read_yaml(Path(source))
+        raw = _read_yaml(resolve_config(source))
     raw.update(overrides)
     cfg = _validate(raw, task_class)
     seed_all(cfg.seed)
@@ -638,6 +665,10 @@ def _validate(raw: Mapping[str, Any], task: type | None = None) -> Config:
             raise _unknown_key(key, cls, known)
     if "device" in values:
         values["device"] = _normalise_device(values["device"])
+    split = (values.get("val_split") or _FIELDS["val_split"].default) + (values.get("test_split") or 0.0)
+    if split >= 1:
+        raise ConfigError(f"test_split: val_split + test_split = {split:g} leaves no training data; "
+                          "keep their sum below 1 (e.g. val_split: 0.2, test_split: 0.1)")
     if values.get("ptq") and values.get("qat"):
         raise ConfigError("ptq and qat are both True: choose one (qat trains quantized; ptq calibrates after fit)")
     if cls is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
+from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
@@ -26,7 +27,7 @@ from lightrainer.errors import TrainingDiverged
 from lightrainer.optim import build_optimizer, schedule
 from lightrainer.record import class_path_of, run_record
 from lightrainer.registry import TASKS
-from lightrainer.task import ExportSpec, TaskKey, resolve_fitness, task_name_of
+from lightrainer.task import ExportSpec, TaskKey, TestReport, resolve_fitness, task_name_of
 
 log = logging.getLogger(__name__)
 
@@ -465,6 +466,29 @@ class LightrainerModule(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> Any:
         return self(self.example_input(batch))
+
+    # ------------------------------------------------------------------ reports
+    def test_report(self, run_dir: Path) -> TestReport:
+        """The task's own table and pictures for ``test_results.csv``/``.md``, after the test epoch.
+
+        Called on every rank (a metric's ``compute`` syncs over ranks); only rank 0 writes
+        pictures into ``run_dir``. Default: none (the table is the logged test metrics).
+        """
+        return TestReport()
+
+    def prediction_columns(self, output: Any, batch: Any) -> dict[str, Any]:
+        """``predictions.csv`` columns of one predict batch: name -> a value per sample.
+
+        Default: a (N, F) tensor output of at most 16 values per sample, as ``out0``, ``out1``, ...
+        """
+        if isinstance(output, Tensor) and output.dim() <= 2 and output[0].numel() <= 16:
+            values = output.detach().float().reshape(len(output), -1).cpu()
+            return {f"out{i}": values[:, i] for i in range(values.shape[1])}
+        return {}
+
+    def prediction_images(self, output: Any, batch: Any) -> Tensor | None:
+        """(N, C, H, W) images in [0, 1] that ``lightrainer predict`` saves as PNGs (None: none)."""
+        return None
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

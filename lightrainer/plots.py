@@ -71,6 +71,7 @@ def plot_results(csv_path: str | os.PathLike, png_path: str | os.PathLike | None
     columns = read_results(csv_path)
     png_path = Path(png_path) if png_path else Path(csv_path).with_name("results.png")
     epochs = columns.pop("epoch", [])
+    columns.pop("time", None)  # the clock, not a curve of the training
     lrs = {k: v for k, v in columns.items() if k.startswith("lr/")}
     metrics = {k: v for k, v in columns.items() if not k.startswith("lr/")}
     # Pair train/x with val/x in one panel so over-fitting shows at a glance.

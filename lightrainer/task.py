@@ -12,7 +12,10 @@ A task is a :class:`~lightrainer.LightrainerModule` subclass. On its class it de
   ``model: init_args: net:`` / ``data:`` trains;
 - ``export_spec``: the exported graphs, their input and output names and how each output verifies;
 - ``rebuild_overrides``: keys a run rebuilt from its weights file takes instead of the recorded
-  ones, because the file holds the weights (``pretrained: False``: no cache file needed to export).
+  ones, because the file holds the weights (``pretrained: False``: no cache file needed to export);
+- ``test_report(run_dir)`` (a method): its own table and pictures in ``lightrainer test``'s
+  results (a :class:`TestReport`), and ``prediction_columns`` / ``prediction_images``: what
+  ``lightrainer predict`` writes per sample.
 
 Generic code (config, build, export, verify) reads these through the functions below and never
 names a task. This module is the bottom layer: it imports nothing of lightrainer but the registry.
@@ -91,6 +94,22 @@ class ExportSpec:
 
     parts: tuple[ExportPart, ...] = (ExportPart(),)
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TestReport:
+    """What a task adds to ``test_results.csv``/``.md`` after ``lightrainer test``.
+
+    Args:
+        rows: the task's table, a dict per row with the same keys (classification: a row per class
+            and the averages); empty: the table is the logged test metrics.
+        pictures: the files it wrote into the run folder (linked from the markdown).
+    """
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    pictures: list[str] = field(default_factory=list)
 
 
 def default_task_name(cls: type) -> str:

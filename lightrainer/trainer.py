@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -20,10 +21,12 @@ from lightrainer.callbacks.export import ExportCallback, check_export_dependenci
 from lightrainer.callbacks.interrupt import InterruptCheckpoint
 from lightrainer.callbacks.ptq import PTQCallback
 from lightrainer.callbacks.qat import QATCallback
-from lightrainer.callbacks.checkpoint import RandomState, RunCheckpoint, with_atomic_checkpoint_io
+from lightrainer.callbacks.checkpoint import RandomState, RunCheckpoint, StripOptimizer, with_atomic_checkpoint_io
 from lightrainer.callbacks.early_stopping import FitnessEarlyStopping
-from lightrainer.callbacks.progress import LightrainerProgressBar
+from lightrainer.callbacks.model_summary import LightrainerModelSummary
+from lightrainer.callbacks.progress import EpochLines, LightrainerProgressBar, resolve_progress
 from lightrainer.callbacks.results import ResultsCSV
+from lightrainer.callbacks.summary import RunSummary
 from lightrainer.config import Config, ConfigError, dump_config
 from lightrainer.io import atomic_write
 from lightrainer.quant.workflow import check_quant_config
@@ -40,17 +43,24 @@ from lightrainer.runs import (
 log = logging.getLogger(__name__)
 
 
+#: Lightning's info lines that say nothing to a lightrainer user: its cloud-logger tip, devices
+#: lightrainer never uses, and the end of fit (the closing summary says why the fit stopped).
+LIGHTNING_NOISE = ("\N{ELECTRIC LIGHT BULB} Tip:", "TPU available:", "HPU available:", "`Trainer.fit` stopped:")
+
+
 class _DropLightningTips(logging.Filter):
-    """Lightning 2.6 advertises a cloud logger on every Trainer; a user of ours did not ask."""
+    """Drops :data:`LIGHTNING_NOISE` from Lightning's rank-zero log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+        return not str(record.msg).startswith(LIGHTNING_NOISE)
 
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningTips())
 # Lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates, once per fit: not ours
 # to fix, and nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# amp: bf16 keeps fp32 weights; the model table's size in MB is right as it is.
+warnings.filterwarnings("ignore", message=r"Precision bf16-mixed is not supported by the model summary")
 
 #: Set in the environment of the launching process so that worker processes (Lightning's DDP
 #: launcher re-runs the script) use the run folder chosen once, by the launcher.
@@ -287,13 +297,31 @@ def resolve_sync_bn(cfg: Config, accelerator: str, world_size: int) -> bool:
     return bool(cfg.sync_bn) and world_size > 1
 
 
-def resolve_precision(cfg: Config, accelerator: str) -> str:
-    """``amp`` -> "16-mixed" on CUDA, else fp32 with a warning."""
+def resolve_precision(cfg: Config, accelerator: str, bf16_gpu: bool | None = None) -> str:
+    """``amp`` -> Lightning's precision: True (fp16) is "16-mixed" on CUDA, else fp32 with a
+    warning; "bf16" is "bf16-mixed" on the CPU and on a CUDA GPU that supports bf16.
+
+    Args:
+        cfg: the config.
+        accelerator: "gpu", "cpu" or "mps".
+        bf16_gpu: whether the GPUs support bf16 (None: ask torch).
+
+    Raises:
+        ConfigError: ``amp: bf16`` on a GPU without bf16 support, or on MPS.
+    """
     if not cfg.amp:
         return "32-true"
+    if cfg.amp == "bf16":
+        if accelerator == "cpu":
+            return "bf16-mixed"
+        if accelerator == "gpu" and (torch.cuda.is_bf16_supported() if bf16_gpu is None else bf16_gpu):
+            return "bf16-mixed"
+        raise ConfigError(f"amp: bf16 is not supported on this {accelerator} device (CUDA bf16 needs an Ampere or "
+                          "newer GPU): use amp: True (fp16 mixed precision) or amp: False")
     if accelerator == "gpu":
         return "16-mixed"
-    warnings.warn(f"amp=True needs a CUDA device; training on {accelerator} in fp32", stacklevel=2)
+    warnings.warn(f"amp=True needs a CUDA device for fp16; training on {accelerator} in fp32 "
+                  "(amp: bf16 runs bf16 mixed precision on the CPU)", stacklevel=2)
     return "32-true"
 
 
@@ -324,7 +352,25 @@ def _logger_classes(cfg: Config) -> dict[str, type]:
                 "or wandb_offline: True to log to the run folder and sync later"
             )
         classes["wandb"] = WandbLogger
+    if cfg.mlflow:
+        try:
+            import mlflow  # noqa: F401
+            from lightning.pytorch.loggers import MLFlowLogger
+        except ImportError:
+            raise ConfigError('mlflow: True needs MLflow: pip install "lightrainer[mlflow]"') from None
+        classes["mlflow"] = MLFlowLogger
     return classes
+
+
+def mlflow_location(cfg: Config, run_dir: Path) -> tuple[str, str | None]:
+    """(tracking URI, artifact location) of ``mlflow: True``: ``mlflow_uri`` (the server keeps the
+    artifacts), else a SQLite store in the run folder, ``RUN/mlflow.db``, with artifacts in
+    ``RUN/mlartifacts`` (MLflow 3 refuses its old file store, and would put artifacts in the
+    working folder). A pure decision."""
+    if cfg.mlflow_uri:
+        return cfg.mlflow_uri, None
+    run_dir = Path(run_dir).resolve()
+    return f"sqlite:///{run_dir / 'mlflow.db'}", (run_dir / "mlartifacts").as_uri()
 
 
 def wandb_can_log_in(env: Mapping[str, str]) -> bool:
@@ -356,7 +402,32 @@ def _loggers(cfg: Config, run_dir: Path, classes: dict[str, type]) -> list:
                 config=cfg.to_dict(),
             )
         )
+    if "mlflow" in classes and is_rank_zero_process():
+        # Rank 0 alone: the client opens (or creates) the store as it is made, and ranks that start
+        # together under torchrun would race to create one SQLite file. Its logging is rank 0's anyway.
+        uri, artifacts = mlflow_location(cfg, run_dir)
+        # MLflow announces its new database tables and Lightning the new experiment, at INFO and
+        # WARNING: routine for a store per run.
+        with _quieter(("mlflow.store.db.utils", "alembic", "lightning.pytorch.loggers.mlflow"), logging.ERROR):
+            logger = classes["mlflow"](experiment_name=cfg.name, run_name=run_dir.name, tracking_uri=uri,
+                                       artifact_location=artifacts)
+            logger.log_hyperparams({k: v for k, v in cfg.to_dict().items() if v is not None})
+        loggers.append(logger)
     return loggers
+
+
+@contextlib.contextmanager
+def _quieter(names: tuple[str, ...], level: int) -> Any:
+    """Raise the level of some libraries' loggers for a moment."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, levels):
+            lg.setLevel(old)
 
 
 def check_batch_split(batch: int, world_size: int) -> None:
@@ -437,23 +508,40 @@ class EmptyRunCleanup(Callback):
             self.remove()
 
 
-def default_callbacks(cfg: Config, progress_bar: bool = True, accelerator: str = "cpu") -> list[Callback]:
-    """The callbacks every run has, plus those the config asks for (quantization, export)."""
+def default_callbacks(cfg: Config, progress: str = "bar", accelerator: str = "cpu",
+                      model_summary: bool = False) -> list[Callback]:
+    """The callbacks every run has, plus those the config asks for (quantization, export).
+
+    Args:
+        cfg: the config.
+        progress: "bar", "lines" or "off" (:func:`lightrainer.callbacks.progress.resolve_progress`).
+        accelerator: "gpu", "cpu" or "mps".
+        model_summary: print the model table when the fit starts.
+    """
     run_dir = Path(cfg.run_dir)
-    # Each bar refresh reads the running loss from the device: on a GPU that stalls the queue, so
-    # refresh every 10 steps there; on a CPU it costs nothing and every step shows.
-    refresh = 10 if accelerator == "gpu" else 1
-    callbacks: list[Callback] = [LightrainerProgressBar(refresh_rate=refresh)] if progress_bar else []
+    callbacks: list[Callback] = []
+    if progress == "bar":
+        # Each bar refresh reads the running loss from the device: on a GPU that stalls the queue,
+        # so refresh every 10 steps there; on a CPU it costs nothing and every step shows.
+        callbacks.append(LightrainerProgressBar(refresh_rate=10 if accelerator == "gpu" else 1))
+    elif progress == "lines":
+        callbacks.append(EpochLines())
+    if model_summary:
+        callbacks.append(LightrainerModelSummary())
+    results = ResultsCSV(run_dir, plots=cfg.plots)
+    stopper = FitnessEarlyStopping(cfg.patience) if cfg.patience > 0 else None
     callbacks += [
         RunSetup(cfg),
-        ResultsCSV(run_dir, plots=cfg.plots),
+        results,
         RunCheckpoint(run_dir / "weights"),
         RandomState(),
         InterruptCheckpoint(run_dir / "weights"),
     ]
-    if cfg.patience > 0:
-        callbacks.append(FitnessEarlyStopping(cfg.patience))
+    if stopper is not None:
+        callbacks.append(stopper)
     callbacks += _feature_callbacks(cfg)
+    # Last: after the files the feature callbacks write at the end of the fit.
+    callbacks += [StripOptimizer(run_dir / "weights"), RunSummary(results, stopper)]
     return callbacks
 
 
@@ -555,8 +643,12 @@ def _trainer_in(
     extra_callbacks: list[Callback], cleanup: EmptyRunCleanup | None,
 ) -> L.Trainer:
     """The rest of :func:`build_trainer`, once the run folder is decided."""
-    progress_bar = kwargs.get("enable_progress_bar", True) is not False
-    callbacks = [RunDirSync(cfg), *default_callbacks(cfg, progress_bar, kwargs["accelerator"]), *extra_callbacks]
+    progress = resolve_progress(cfg.progress) if kwargs.get("enable_progress_bar", True) is not False else "off"
+    if progress == "off":
+        kwargs["enable_progress_bar"] = False
+    summary = kwargs.get("enable_model_summary") is not False
+    kwargs["enable_model_summary"] = False  # ours prints it (Lightning would add its own and say so)
+    callbacks = [RunDirSync(cfg), *default_callbacks(cfg, progress, kwargs["accelerator"], summary), *extra_callbacks]
     if cleanup is not None:
         callbacks.append(cleanup)  # last: after the interruption callback may have saved a file
     if is_rank_zero_process():  # only rank 0 creates folders; Lightning's launcher hands the run's to workers
@@ -630,5 +722,5 @@ def trainer_arg_problems(cfg: Config, trainer_args: dict[str, Any]) -> list[str]
             if key == "strategy" and "fsdp" in name.lower() and not gpus:
                 problems.append(f"trainer.strategy: {name} needs CUDA GPUs (this machine has none): drop it")
             if key == "precision" and name.startswith("16") and not gpus:
-                problems.append(f"trainer.precision: {name} needs a CUDA GPU; on the CPU use bf16-mixed or 32-true")
+                problems.append(f"trainer.precision: {name} needs a CUDA GPU; on the CPU use bf16-mixed (amp: bf16) or 32-true")
     return problems

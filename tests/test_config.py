@@ -80,7 +80,7 @@ def test_device_forms(device: object, expected: object) -> None:
         ({"method": "minmax"}, r"method: 'minmax' is not one of entropy, max, percentile, mse"),
         ({"batch": "big"}, r"batch: expected an integer, got 'big'"),
         ({"batch": 8.5}, r"batch: expected an integer"),
-        ({"amp": "yes"}, r"amp: expected True or False"),
+        ({"amp": "yes"}, r"amp: 'yes' is not one of False, True, fp16, bf16"),
         ({"lr0": "fast"}, r"lr0: expected a number"),
         ({"num_batches": 0}, r"num_batches: must be >= 1"),
         ({"ptq": True, "qat": True}, r"ptq and qat are both True"),

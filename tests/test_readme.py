@@ -22,10 +22,10 @@ def test_both_readmes_hold_the_same_code(repo_path: str, readme: str) -> None:
     assert re.findall(r"```\w*\n(.*?)```", Path(repo_path, readme).read_text(), re.S) == english
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_python_block_runs(tmp_path, repo_path: str, index: int) -> None:
     blocks = python_blocks(Path(repo_path, "README.md"))
-    assert len(blocks) == 3, "update this test when the README gains a Python block"
+    assert len(blocks) == 4, "update this test when the README gains a Python block"
     shutil.copytree(Path(repo_path, "configs"), tmp_path / "configs")
     script = tmp_path / "block.py"
     script.write_text(blocks[index])

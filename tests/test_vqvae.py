@@ -14,6 +14,7 @@ import yaml
 import lightrainer.modules.vqvae as vqvae_task  # registers the VQ-VAE keys
 from lightrainer import ConfigError, load_config
 from lightrainer.config import derived_values
+from lightrainer.datamodules.base import once_shuffled
 from lightrainer.datamodules.photos import PhotoPatchesDataModule, RandomPatchLoader, grid_patches, load_photo
 from lightrainer.modules.vqvae import VQVAEModule, build_lpips, build_vqvae
 from lightrainer.modules.vqvae_net import VQVAE, VectorQuantizer, usage_of
@@ -192,7 +193,7 @@ def test_logged_psnr_and_ssim_equal_torchmetrics(tmp_path: Path) -> None:
     module = VQVAEModule(net, cfg)
     trainer = build_trainer(cfg, limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(module, datamodule)
-    x = datamodule.val_data[0][:16]
+    x = datamodule.val_data[0][once_shuffled(len(datamodule.val_data[0]), cfg.seed)[:16]]  # the first val batch
     with torch.no_grad():
         recon = net.eval()(x)[0].clamp(0, 1)
     psnr = peak_signal_noise_ratio(recon, x, data_range=1.0)

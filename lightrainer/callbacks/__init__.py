@@ -10,16 +10,20 @@ from typing import Any
 from lightrainer.callbacks.checkpoint import RunCheckpoint
 from lightrainer.callbacks.early_stopping import FitnessEarlyStopping
 from lightrainer.callbacks.interrupt import InterruptCheckpoint
-from lightrainer.callbacks.progress import LightrainerProgressBar
+from lightrainer.callbacks.progress import EpochLines, LightrainerProgressBar
 from lightrainer.callbacks.results import ResultsCSV
+from lightrainer.callbacks.summary import RunSummary
 
 _LAZY = {
     "ExportCallback": "lightrainer.callbacks.export",
     "PTQCallback": "lightrainer.callbacks.ptq",
     "QATCallback": "lightrainer.callbacks.qat",
+    "PredictionWriter": "lightrainer.callbacks.predictions",
+    "TestResults": "lightrainer.callbacks.test_results",
 }
 
-__all__ = ["FitnessEarlyStopping", "InterruptCheckpoint", "LightrainerProgressBar", "ResultsCSV", "RunCheckpoint", *_LAZY]
+__all__ = ["EpochLines", "FitnessEarlyStopping", "InterruptCheckpoint", "LightrainerProgressBar", "ResultsCSV",
+           "RunCheckpoint", "RunSummary", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -54,6 +54,9 @@ class QATCallback(Callback):
         if not any(True for _ in iter_quantizers(pl_module.net)):
             pl_module.net = quantize_model(pl_module.net, backend)
         pl_module.lr_scale = QAT_LR_SCALE
+        if trainer.is_global_zero:
+            count = sum(1 for _ in iter_quantizers(pl_module.net))
+            log.info("QAT: %d int8 quantizers inserted (%s); training at lr0 x %g", count, backend.name, QAT_LR_SCALE)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         quantizers = [q for _, q in iter_quantizers(pl_module.net)]
@@ -64,6 +67,9 @@ class QATCallback(Callback):
             pl_module.net, trainer.train_dataloader, self.cfg.method, num_batches=self.cfg.num_batches,
             percentile=self.cfg.percentile, to_input=pl_module.example_input,
         )
+        if trainer.is_global_zero:  # the calibration logged its own line (method, batches, time)
+            log.info("QAT: training with int8 fake-quant (activation amax from the %s calibration, fixed; "
+                     "weight amax follow the weights)", self.calibration.method)
         if trainer.world_size > 1:
             # Each rank saw its own shard: all take rank 0's amax.
             amax = {name: q._buffers.get("_amax") for name, q in iter_quantizers(pl_module.net)}

@@ -1,4 +1,4 @@
-"""results.csv (a row per epoch: train means, val metrics, lr of each group) and results.png."""
+"""results.csv (a row per epoch: time, train means, val metrics, lr of each group) and results.png."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import io
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 class ResultsCSV(Callback):
     """Writes ``results.csv`` each epoch (atomically) and plots ``results.png`` when training ends.
 
+    ``time`` is the seconds of training (validation included) from the start of the run to the
+    end of the epoch; a resumed run continues the count of the run it resumes (the time the run
+    was stopped is not counted).
+
     Args:
         run_dir: the run folder.
         plots: draw results.png.
@@ -31,6 +36,17 @@ class ResultsCSV(Callback):
         self.path = Path(run_dir) / "results.csv"
         self.plots = plots
         self.rows: list[dict[str, Any]] = []
+        #: Seconds trained before this process started training (a resumed run's earlier part).
+        self.elapsed_before = 0.0
+        self._start: float | None = None
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds of training so far, over every part of a resumed run."""
+        return self.elapsed_before + (time.monotonic() - self._start if self._start is not None else 0.0)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.monotonic()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -38,7 +54,7 @@ class ResultsCSV(Callback):
         train = pl_module.train_epoch_means() if hasattr(pl_module, "train_epoch_means") else {}
         if not trainer.is_global_zero:
             return
-        row: dict[str, Any] = {"epoch": trainer.current_epoch + 1}
+        row: dict[str, Any] = {"epoch": trainer.current_epoch + 1, "time": round(self.elapsed, 2)}
         row.update({f"train/{k}": v for k, v in train.items()})
         for key, value in sorted(trainer.callback_metrics.items()):
             if key.startswith(("val/", "test/")):
@@ -70,10 +86,12 @@ class ResultsCSV(Callback):
             log.info("results plotted to %s", path)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows}
+        return {"rows": self.rows, "elapsed": self.elapsed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = list(state_dict.get("rows", []))
+        last_time = self.rows[-1].get("time", 0.0) if self.rows else 0.0
+        self.elapsed_before = float(state_dict.get("elapsed", last_time) or 0.0)
 
 
 def _fmt(value: Any) -> str:

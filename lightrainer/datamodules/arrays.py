@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightrainer.config import Config
-from lightrainer.datamodules.base import LightrainerDataModule, SplitData, TensorPair, is_class_labels
+from lightrainer.config import Config, ConfigError
+from lightrainer.datamodules.base import LightrainerDataModule, SplitData, TensorPair, is_class_labels, stratified_split
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ class ArrayDataModule(LightrainerDataModule):
             image-only data (autoencoders). uint8 images are scaled to [0, 1].
         val: the same for validation, or None to split ``train`` by ``cfg.val_split`` (stratified
             for integer labels, seeded by ``cfg.seed``).
+        test: the same for ``lightrainer test``, or None: ``cfg.test_split`` of ``train`` (none
+            when it is 0).
         num_classes: classes (default: ``max(y) + 1`` for integer labels).
         class_names: a name per class.
         collate_fn: optional custom collate (forces a torch DataLoader).
@@ -90,6 +92,7 @@ class ArrayDataModule(LightrainerDataModule):
         cfg: Config,
         train: Any,
         val: Any = None,
+        test: Any = None,
         num_classes: Optional[int] = None,
         class_names: Optional[list[str]] = None,
         collate_fn: Optional[Callable[[list], Any]] = None,
@@ -98,13 +101,16 @@ class ArrayDataModule(LightrainerDataModule):
         super().__init__(cfg, collate_fn=collate_fn, data_on_device=data_on_device)
         self._train = self._validated("train", train)
         self._val = None if val is None else self._validated("val", val)
+        self._test = None if test is None else self._validated("test", test)
         x, y = self._train
-        if self._val is not None:
-            vx, vy = self._val
-            if vx.shape[1:] != x.shape[1:]:
-                raise ValueError(f"val: image shape {tuple(vx.shape[1:])} differs from train's {tuple(x.shape[1:])}")
-            if (vy is None) != (y is None):
-                raise ValueError("val: give targets for both train and val, or for neither")
+        for name, part in (("val", self._val), ("test", self._test)):
+            if part is None:
+                continue
+            px, py = part
+            if px.shape[1:] != x.shape[1:]:
+                raise ValueError(f"{name}: image shape {tuple(px.shape[1:])} differs from train's {tuple(x.shape[1:])}")
+            if (py is None) != (y is None):
+                raise ValueError(f"{name}: give targets for both train and {name}, or for neither")
         self.input_shape = tuple(x.shape[1:])
         if num_classes is None and is_class_labels(y):
             num_classes = int(y.max()) + 1
@@ -117,8 +123,23 @@ class ArrayDataModule(LightrainerDataModule):
         x = as_images(f"{name} x", x)
         return x, as_targets(f"{name} y", y, len(x))
 
-    def load(self) -> tuple[SplitData, SplitData]:
-        """The given splits, or a split of ``train``."""
-        if self._val is not None:
-            return self._train, self._val
-        return self.split(*self._train)
+    def load(self) -> tuple[SplitData, ...]:
+        """The given splits, or splits of ``train`` (``cfg.val_split``, ``cfg.test_split``)."""
+        if self._val is None:
+            train, val = self.split(*self._train)
+            if self._test is not None:
+                if self.cfg.test_split:
+                    raise ConfigError(f"test_split: {self.cfg.test_split} and an explicit test set both name a "
+                                      "test split: set test_split: 0, or leave test out")
+                self.sample_ids.pop("test", None)
+                return train, val, self._test
+            return train, val
+        train, test = self._train, self._test
+        if test is None and self.cfg.test_split:
+            x, y = train
+            keep, held = stratified_split(len(x), y if is_class_labels(y) else None, self.cfg.test_split, self.cfg.seed)
+            rows, held_rows = torch.from_numpy(keep), torch.from_numpy(held)
+            train = (x[rows], None if y is None else y[rows])
+            test = (x[held_rows], None if y is None else y[held_rows])
+            self.sample_ids.update(train=keep, test=held)
+        return train, self._val, test

@@ -7,27 +7,22 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from lightrainer.config import Config, ConfigError
+from lightrainer.errors import closest_hint
 from lightrainer.datamodules.augment import batch_augment
-from lightrainer.datamodules.base import LightrainerDataModule, SplitData, stratified_split
+from lightrainer.datamodules.base import LightrainerDataModule, SplitData, split_indices
 from lightrainer.datamodules.memory import BatchTransform, InMemoryBatchLoader
 from lightrainer.datamodules.stream import (
+    IMAGE_EXTENSIONS,
     ImageFiles,
     StreamBatchLoader,
     check_image_files,
     choose_decoder,
     decode_all,
+    image_files,
     to_float,
 )
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-def _image_files(folder: Path, recursive: bool) -> list[Path]:
-    pattern = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
 
 class ImageFolderDataModule(LightrainerDataModule):
     """Images from ``root/<class>/*.png`` (labeled) or any images under ``root`` (unlabeled).
@@ -39,7 +34,8 @@ class ImageFolderDataModule(LightrainerDataModule):
     ``stream=True``, it is streamed: workers decode each batch and it stays uint8 until it reaches
     the device (:class:`~lightrainer.datamodules.stream.StreamBatchLoader`). Both give the same
     batches for the same seed. Classes are the sorted subfolder names. The ``cfg.val_split``
-    split is stratified by class and seeded by ``cfg.seed``. Training batches get ``shift`` and
+    (and ``cfg.test_split``) split is stratified by class and seeded by ``cfg.seed``; a separate
+    ``test_root`` folder of the same layout is the test split instead. Training batches get ``shift`` and
     the task's augmentation keys (:mod:`lightrainer.datamodules.augment`), on the device.
 
     Every file's header and end are checked before training: an unreadable or truncated file is
@@ -58,9 +54,12 @@ class ImageFolderDataModule(LightrainerDataModule):
         data_on_device: keep in-memory tensors on the trainer's GPU when it uses one.
         stream: True: always stream; False: never (refuse a set above ``max_memory_gb``); None: by size.
         skip_bad_images: skip unreadable files (counted in the log) instead of refusing them.
+        test_root: a folder laid out as ``root`` (the same class names) held out as the test split
+            (then ``test_split`` must be 0); None: the test split is ``test_split`` of ``root``.
 
     Raises:
-        ConfigError: a missing folder, no images (or no class folders), a bad size or channel count.
+        ConfigError: a missing folder, no images (or no class folders), a bad size or channel count,
+            a test folder with a class the training folder lacks.
     """
 
     pixel_scale = 255.0
@@ -79,10 +78,12 @@ class ImageFolderDataModule(LightrainerDataModule):
         data_on_device: bool = True,
         stream: Optional[bool] = None,
         skip_bad_images: bool = False,
+        test_root: Optional[Union[str, Path]] = None,
     ) -> None:
         super().__init__(cfg, collate_fn=collate_fn, data_on_device=data_on_device)
         # A string (plain data): the run's record keeps it, so `export --weights` rebuilds the data.
         self.root = str(Path(root).expanduser())
+        self.test_root = None if test_root is None else str(Path(test_root).expanduser())
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if len(size) != 2 or any(int(s) < 1 for s in size):
             raise ConfigError(f"image_size: expected a positive int or (height, width), got {image_size!r}")
@@ -135,13 +136,13 @@ class ImageFolderDataModule(LightrainerDataModule):
         if not root.is_dir():
             raise ConfigError(f"root: image folder not found: {self.root}")
         if not self.labels:
-            files = _image_files(root, recursive=True)
+            files = image_files(root, recursive=True)
             if not files:
                 raise ConfigError(f"root: no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
             return files, None
         files, targets, names = [], [], []
         for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-            images = _image_files(folder, recursive=True)
+            images = image_files(folder, recursive=True)
             if images:
                 targets += [len(names)] * len(images)
                 names.append(folder.name)
@@ -175,48 +176,88 @@ class ImageFolderDataModule(LightrainerDataModule):
             return True
         return False
 
-    def load(self) -> tuple[SplitData, SplitData]:
+    def load(self) -> tuple[SplitData, ...]:
         """Check every file, split, and decode everything (in memory) or index the splits (streamed)."""
-        scan = check_image_files([str(p) for p in self.files], self.skip_bad_images, self.cfg.num_workers)
-        targets = None if self.targets is None else [self.targets[i] for i in scan.good]
-        decoders = [choose_decoder(fmt, w, h, self.image_size) for fmt, (w, h) in zip(scan.formats, scan.sizes)]
-        files = ImageFiles([self.files[i] for i in scan.good], targets, self.image_size, self.channels, decoders)
+        files = self._checked(self.files, self.targets)
         log.info("%s: %d images from %s", type(self).__name__, len(files), self.root)
-        if self.streams(len(files)):
+        test_files = self._test_files()
+        test_split = 0.0 if test_files is not None else self.cfg.test_split
+        index = split_indices(len(files), files.targets, self.cfg.val_split, test_split, self.cfg.seed)
+        parts = [files.subset(i) for i in index]
+        if test_files is not None:
+            parts[2] = test_files
+        parts = [p if len(p) else None for p in parts]
+        for stage, part in zip(("train", "val", "test"), parts):
+            if part is not None:
+                self.sample_ids[stage] = part.files.tolist()
+        if self.streams(sum(len(p) for p in parts if p is not None)):
             if self.collate_fn is not None:
                 raise ConfigError("collate_fn: a streamed image folder makes its own batches; hold the folder in "
                                   "memory (stream=False, raise max_memory_gb) to use a collate_fn")
-            train, val = stratified_split(len(files), targets, self.cfg.val_split, self.cfg.seed)
-            return files.subset(train), files.subset(val)
+            return tuple(parts)
+        return tuple(None if p is None else self._decoded(p) for p in parts)
+
+    def _checked(self, paths: Sequence[Path], targets: Optional[Sequence[int]]) -> ImageFiles:
+        """The readable ones of ``paths`` (see ``skip_bad_images``), each with its decoder."""
+        scan = check_image_files([str(p) for p in paths], self.skip_bad_images, self.cfg.num_workers)
+        decoders = [choose_decoder(fmt, w, h, self.image_size) for fmt, (w, h) in zip(scan.formats, scan.sizes)]
+        return ImageFiles([paths[i] for i in scan.good], None if targets is None else [targets[i] for i in scan.good],
+                          self.image_size, self.channels, decoders)
+
+    def _decoded(self, files: ImageFiles) -> tuple[Any, Any]:
         pixels, y = decode_all(files, self.cfg.num_workers)
-        return self.split(to_float(pixels, self.mean, self.std, self.pixel_scale), y)
+        return to_float(pixels, self.mean, self.std, self.pixel_scale), y
+
+    def _test_files(self) -> Optional[ImageFiles]:
+        """The images of ``test_root`` (None without one), labeled by the training class names.
+
+        Raises:
+            ConfigError: with ``test_split`` too, no such folder, no images, an unknown class.
+        """
+        if self.test_root is None:
+            return None
+        if self.cfg.test_split:
+            raise ConfigError(f"test_split: {self.cfg.test_split} and test_root both name a test split: "
+                              "set test_split: 0 to test on test_root, or drop test_root")
+        root = Path(self.test_root)
+        if not root.is_dir():
+            raise ConfigError(f"test_root: image folder not found: {self.test_root}")
+        files, targets = image_files(root, recursive=True), None
+        if self.labels:
+            files, targets = [], []
+            for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+                images = image_files(folder, recursive=True)
+                if images and folder.name not in self.class_names:
+                    raise ConfigError(f"test_root: class folder {folder.name!r} is not one of the training classes "
+                                      f"{', '.join(self.class_names)}" + closest_hint(folder.name, self.class_names))
+                files += images
+                targets += [self.class_names.index(folder.name)] * len(images)
+        if not files:
+            raise ConfigError(f"test_root: no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.test_root}"
+                              + (" in class subfolders" if self.labels else ""))
+        return self._checked(files, targets)
 
     def train_transform(self) -> Optional[BatchTransform]:
         """``shift`` and the task's augmentation keys, with black (per channel) as the background."""
         return batch_augment(self.cfg, mean=self.mean, std=self.std, fill=self.black, num_classes=self.num_classes)
 
-    def train_dataloader(self) -> Union[StreamBatchLoader, InMemoryBatchLoader, Any]:
-        """Shuffled, augmented training batches (streamed or from memory)."""
-        streamed = self._stream("train")
-        return streamed if streamed is not None else super().train_dataloader()
-
-    def val_dataloader(self) -> Union[StreamBatchLoader, InMemoryBatchLoader, Any]:
-        """Validation batches in order, each sample once across ranks (streamed or from memory)."""
-        streamed = self._stream("val")
-        return streamed if streamed is not None else super().val_dataloader()
+    def _loader(self, stage: str, train: bool) -> Union[StreamBatchLoader, InMemoryBatchLoader, Any]:
+        """The batches of ``stage``: streamed from the files, or from memory."""
+        streamed = self._stream(stage)
+        return streamed if streamed is not None else super()._loader(stage, train)
 
     def _stream(self, stage: str) -> Optional[StreamBatchLoader]:
         """The streaming loader of ``stage`` when the data is streamed (else None)."""
         if self.train_data is None:
             self.setup()
-        files = self.train_data if stage == "train" else self.val_data
+        files = self.split_data(stage)
         if not isinstance(files, ImageFiles):
             return None
         train = stage == "train"
         rank, world_size = self._distributed()
         device = self.trainer.strategy.root_device if self.trainer is not None and self._uses_cuda() else None
         return StreamBatchLoader(
-            files, self.batch_per_device(), mean=self.mean, std=self.std, shuffle=train, seed=self.cfg.seed,
+            files, self.batch_per_device(), mean=self.mean, std=self.std, shuffle=stage != "predict", seed=self.cfg.seed,
             rank=rank, world_size=world_size, equal_batches=train, transform=self.train_transform() if train else None,
-            device=device, num_workers=self.cfg.num_workers,
+            device=device, num_workers=self.cfg.num_workers, reshuffle=train,
         )

@@ -4,7 +4,8 @@ Order and sharding are defined so that a run is reproducible and independent of 
 devices:
 
 * epoch ``e`` shuffles with ``torch.randperm(N, generator=torch.Generator().manual_seed(seed + e))``
-  (no shuffling: ``arange(N)``);
+  (no shuffling: ``arange(N)``; shuffled once, as validation and test are: the order of epoch 0
+  every epoch, so the first batches, all ``limit_val_batches`` scores, are a fair sample);
 * the permutation is cut into *global* batches of ``batch_size * world_size`` samples;
 * rank ``r`` takes the ``r``-th contiguous chunk of ``batch_size`` samples of each global batch.
 
@@ -56,14 +57,16 @@ class EpochSampler(Sampler[int]):
 
     Args:
         n: number of samples.
-        shuffle: permute each epoch (else ``0..n-1``).
+        shuffle: permute (else ``0..n-1``).
         seed: base seed; epoch ``e`` uses ``seed + e``.
+        reshuffle: a new order each epoch (False: every epoch takes epoch 0's order).
     """
 
-    def __init__(self, n: int, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(self, n: int, shuffle: bool = True, seed: int = 0, reshuffle: bool = True) -> None:
         self.n = n
         self.shuffle = shuffle
         self.seed = seed
+        self.reshuffle = reshuffle
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -75,7 +78,7 @@ class EpochSampler(Sampler[int]):
         epoch = self.epoch if epoch is None else epoch
         if not self.shuffle:
             return torch.arange(self.n)
-        generator = torch.Generator().manual_seed(self.seed + epoch)
+        generator = torch.Generator().manual_seed(self.seed + (epoch if self.reshuffle else 0))
         return torch.randperm(self.n, generator=generator)
 
     def __iter__(self) -> Iterator[int]:
@@ -125,6 +128,8 @@ class InMemoryBatchLoader:
         batch_size: the per-device batch; the global batch is ``batch_size * world_size``.
         shuffle: a new seeded permutation each epoch.
         seed: base seed of the epoch permutations and of the transform's generator.
+        reshuffle: with ``shuffle``, False keeps one seeded order for every epoch (validation:
+            any ``limit_val_batches`` is a fair sample, the same one each epoch).
         drop_last: drop the last partial global batch.
         rank: this process's rank.
         world_size: number of processes.
@@ -147,6 +152,7 @@ class InMemoryBatchLoader:
         world_size: int = 1,
         transform: Optional[BatchTransform] = None,
         equal_batches: bool = True,
+        reshuffle: bool = True,
     ) -> None:
         if isinstance(tensors, Tensor):
             tensors = (tensors,)
@@ -169,7 +175,7 @@ class InMemoryBatchLoader:
         self.world_size = world_size
         self.transform = transform
         self.equal_batches = equal_batches
-        self.sampler = EpochSampler(lengths[0], shuffle=shuffle, seed=seed)
+        self.sampler = EpochSampler(lengths[0], shuffle=shuffle, seed=seed, reshuffle=reshuffle)
         self.batch_sampler = None  # Lightning inspects both attributes, as on a DataLoader
         self._ranges = shard_ranges(lengths[0], batch_size, rank, world_size, drop_last, equal_batches)
         # [epoch, batches served] while an epoch is served; where a resumed epoch starts.
@@ -208,6 +214,14 @@ class InMemoryBatchLoader:
 
     def __len__(self) -> int:
         return len(self._ranges)
+
+    def sample_indices(self, batch_idx: int, epoch: int = 0) -> Tensor:
+        """Positions in the data of the samples in this rank's batch ``batch_idx`` of ``epoch``
+        (predictions name each sample by it, under DDP too)."""
+        start, end = self._ranges[batch_idx]
+        if not self.sampler.shuffle:
+            return torch.arange(start, end)
+        return self.sampler.permutation(epoch)[start:end]
 
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         # A generator: `iter(loader)` alone (Lightning probes it) does not consume an epoch.

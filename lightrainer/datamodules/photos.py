@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lightrainer.config import Config, ConfigError
-from lightrainer.datamodules.base import LightrainerDataModule, SplitData
+from lightrainer.datamodules.base import LightrainerDataModule, SplitData, stratified_split
 from lightrainer.datamodules.memory import _mix_seed
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,9 @@ class PhotoPatchesDataModule(LightrainerDataModule):
     """Random crops of packaged photos for training; fixed crops of other photos for validation.
 
     Batches are ``(x,)`` with x float32 (B, C, patch_size, patch_size) in [0, 1]. ``cfg.val_split``
-    does not apply: validation photos are separate images.
+    does not apply: validation photos are separate images. ``cfg.test_split`` holds that fraction
+    of the validation photos' crops out (seeded) as the test split: photos never trained on, crops
+    never validated on.
 
     Args:
         cfg: the config: ``batch``, ``seed`` and the keys ``patch_size`` and ``patches_per_epoch``
@@ -295,7 +297,11 @@ class PhotoPatchesDataModule(LightrainerDataModule):
         val_x = torch.cat(val).float().div_(255.0)
         # The base class counts "samples": one crop position per training pixel grid cell.
         train_x = torch.cat([grid_patches(p, self.patch_size) for p in self._photos])
-        return (train_x, None), (val_x, None)
+        if not self.cfg.test_split:
+            return (train_x, None), (val_x, None)
+        keep, held = stratified_split(len(val_x), None, self.cfg.test_split, self.cfg.seed)
+        self.sample_ids.update(val=keep, test=held)
+        return (train_x, None), (val_x[torch.from_numpy(keep)], None), (val_x[torch.from_numpy(held)], None)
 
     def train_dataloader(self) -> RandomPatchLoader:
         """``patches_per_epoch / batch`` batches of fresh random crops each epoch (per device)."""

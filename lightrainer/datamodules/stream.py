@@ -22,6 +22,7 @@ import os
 import warnings
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -47,6 +48,14 @@ _TAIL_BYTES = 1024
 #: (a 9459 x 9459 image). A 20000 x 20000 PNG of a few KB would need 1.6 GB to decode.
 MAX_IMAGE_PIXELS = 89_478_485
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+#: The file name endings read as images.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def image_files(folder: Path, recursive: bool) -> list[Path]:
+    """The image files (by :data:`IMAGE_EXTENSIONS`) in ``folder`` (or under it), sorted."""
+    pattern = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def _pil() -> Any:
@@ -292,7 +301,7 @@ class StreamBatchLoader(InMemoryBatchLoader):
         files: the split's files.
         batch_size: the per-device batch.
         mean, std: normalisation after dividing by 255.
-        shuffle, seed, rank, world_size, equal_batches, transform: as :class:`InMemoryBatchLoader`.
+        shuffle, seed, rank, world_size, equal_batches, transform, reshuffle: as :class:`InMemoryBatchLoader`.
         device: where batches go (None: stay on the CPU).
         num_workers: decoding processes (0: in this process); kept alive between epochs.
     """
@@ -312,9 +321,11 @@ class StreamBatchLoader(InMemoryBatchLoader):
         transform: Optional[BatchTransform] = None,
         device: Optional[torch.device] = None,
         num_workers: int = 0,
+        reshuffle: bool = True,
     ) -> None:
         super().__init__(torch.arange(len(files)), batch_size, shuffle=shuffle, seed=seed, rank=rank,
-                         world_size=world_size, transform=transform, equal_batches=equal_batches)
+                         world_size=world_size, transform=transform, equal_batches=equal_batches,
+                         reshuffle=reshuffle)
         self.files = files
         self.mean, self.std = tuple(mean), tuple(std)
         self.device = torch.device("cpu") if device is None else torch.device(device)
@@ -376,6 +387,6 @@ def check_image_files(files: Sequence[str], skip_bad: bool, num_workers: int = 0
 
 
 __all__ = [
-    "MAX_IMAGE_PIXELS", "BadImage", "ImageFiles", "ScanResult", "StreamBatchLoader", "check_image_files", "choose_decoder", "decode_all",
+    "IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "BadImage", "ImageFiles", "image_files", "ScanResult", "StreamBatchLoader", "check_image_files", "choose_decoder", "decode_all",
     "decode_image", "resize_crop", "scan_image", "scan_images", "to_float",
 ]

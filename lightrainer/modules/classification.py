@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from lightrainer.callbacks.classification_plots import ClassificationPlots
+from lightrainer.callbacks.classification_plots import ClassificationPlots, class_report, plot_confusion
 from lightrainer.config import Config, ConfigError, TaskKey, unit_interval
 from lightrainer.datamodules.augment import WithAugmentKeys, augment_values
 from lightrainer.datamodules.mnist import MNIST5kDataModule
@@ -18,7 +19,7 @@ from lightrainer.modules.augment_preview import AugmentPreview
 from lightrainer.modules.backbones import backbone_normalization, build_backbone, check_net
 from lightrainer.modules.nets import SmallCNN
 from lightrainer.record import BUILD_SPECS_ATTR
-from lightrainer.task import ExportOutput, ExportPart, ExportSpec
+from lightrainer.task import ExportOutput, ExportPart, ExportSpec, TestReport
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,9 @@ class ClassificationModule(LightrainerModule):
     """Cross-entropy classification of any ``nn.Module`` that returns logits.
 
     Logs loss, top-1 accuracy (``val/acc``) and, with at least 5 classes, top-5 accuracy
-    (``val/acc_top5``). Fitness is ``val/acc``. Its keys: ``label_smoothing``; ``net`` and
+    (``val/acc_top5``). Fitness is ``val/acc``. A test also reports precision, recall and F1 per
+    class and ``confusion_matrix_test.png`` (:meth:`test_report`); predict writes the predicted
+    class, its probability and the top 5 (:meth:`prediction_columns`). Its keys: ``label_smoothing``; ``net`` and
     ``pretrained`` (a timm or torchvision backbone by name, :mod:`lightrainer.modules.backbones`);
     the augmentation keys (:mod:`lightrainer.datamodules.augment`, applied by the datamodule to
     training batches; with ``mixup``/``cutmix`` the training targets are class probabilities).
@@ -84,6 +87,9 @@ class ClassificationModule(LightrainerModule):
         self.metrics = nn.ModuleDict(
             {stage: self._stage_metrics() for stage in ("val", "test")}
         )
+        # The test's confusion matrix, summed over every rank when computed (its states are not
+        # saved: checkpoints are unchanged).
+        self.test_confusion = MulticlassConfusionMatrix(self.num_classes, validate_args=False)
 
     @classmethod
     def default_net(cls, cfg: Config, datamodule: Any) -> nn.Module:
@@ -136,7 +142,44 @@ class ClassificationModule(LightrainerModule):
         metrics = self.metrics[stage]
         for metric in metrics.values():
             metric.update(logits, y)
+        if stage == "test":
+            self.test_confusion.update(logits.argmax(1), y)
         return loss, dict(metrics.items())
+
+    def on_test_epoch_start(self) -> None:
+        self.test_confusion.reset()  # a second test of the same module starts from zero
+
+    def class_names(self) -> list[str]:
+        """The datamodule's class names, else the class indices."""
+        names = getattr(getattr(self.attached_trainer(), "datamodule", None), "class_names", None)
+        return list(names) if names and len(names) == self.num_classes else [str(i) for i in range(self.num_classes)]
+
+    def test_report(self, run_dir: Path) -> TestReport:
+        """Precision, recall, F1 and support per class (and their averages, and the accuracy) from
+        the test's confusion matrix over every rank; ``confusion_matrix_test.png`` (``plots``)."""
+        counts = self.test_confusion.compute().cpu()
+        self.test_confusion.reset()
+        names = self.class_names()
+        pictures = []
+        trainer = self.attached_trainer()
+        if self.cfg.plots and (trainer is None or trainer.is_global_zero):
+            pictures.append(str(plot_confusion(counts, names, Path(run_dir) / "confusion_matrix_test.png", split="test")))
+        return TestReport(rows=class_report(counts, names), pictures=pictures)
+
+    def prediction_columns(self, output: Tensor, batch: Any) -> dict[str, Any]:
+        """The predicted class (``pred``, ``pred_name``), its probability (``confidence``), the
+        top 5 (up to the class count) and, for labeled batches, ``target``/``target_name``/``correct``."""
+        names = self.class_names()
+        probs = output.float()
+        top = probs.topk(min(5, self.num_classes), dim=1).indices.cpu()
+        pred = top[:, 0]
+        columns: dict[str, Any] = {"pred": pred, "pred_name": [names[i] for i in pred.tolist()],
+                                   "confidence": probs.max(dim=1).values.cpu(), f"top{top.shape[1]}": top}
+        if isinstance(batch, (tuple, list)) and len(batch) > 1 and batch[1].dim() == 1:
+            target = batch[1].cpu()
+            columns.update(target=target, target_name=[names[i] for i in target.tolist()],
+                           correct=(pred == target).int())
+        return columns
 
     def configure_callbacks(self) -> list:
         """Confusion matrix and worst-classified images at the end of fit, and ``aug_preview.png``

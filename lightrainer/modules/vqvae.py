@@ -8,6 +8,8 @@ reconstruction clamped to [0, 1]; PSNR of the batch's mean squared error, as the
 it; the training SSIM on every ``train_ssim_every``-th batch, since it costs 3% of a step).
 Fitness is ``val/psnr`` (max); the ``fitness`` key selects any other logged metric, e.g.
 ``fitness: ssim`` or ``fitness: lpips`` (lower is better for names containing loss/lpips).
+A test adds ``reconstruction_test.png`` (test inputs above their reconstructions); predict saves
+each reconstruction as a PNG, with its PSNR and MSE in ``predictions.csv``.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
-from lightrainer.callbacks.recon import ReconstructionGrid
+from lightrainer.callbacks.recon import ReconstructionGrid, metrics_note, reconstruction_grid, save_grid
 from lightrainer.config import Config, ConfigError, TaskKey, at_least, choice, fraction
 from lightrainer.datamodules.photos import PhotoPatchesDataModule
 from lightrainer.module import LightrainerModule, StepOutput
 from lightrainer.modules.vqvae_net import VQVAE, code_histogram, usage_of
-from lightrainer.task import ExportOutput, ExportPart, ExportSpec
+from lightrainer.task import ExportOutput, ExportPart, ExportSpec, TestReport
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +244,7 @@ class VQVAEModule(LightrainerModule):
         for key in ("vq_weight", "recon_weight", "lpips_weight"):
             _non_negative(key, getattr(self, key))
         self._lpips: Optional[nn.Module] = None  # plain attribute: not a submodule, not in state_dict
+        self._test_samples: Optional[Tensor] = None  # the first test inputs, for reconstruction_test.png
         size = getattr(net, "codebook_size", None)
         self.usage_metrics = nn.ModuleDict(
             {stage: CodebookUsage(size) for stage in ("val", "test")} if isinstance(size, int) else {}
@@ -335,12 +338,42 @@ class VQVAEModule(LightrainerModule):
             if stage == "train":
                 self._train_batches += 1
             codes = getattr(self.net, "last_codes", None)
+            if stage == "test" and self._test_samples is None:
+                self._test_samples = x[:12].detach().cpu().clone()
             if codes is not None and stage in self.usage_metrics:
                 self.usage_metrics[stage].update(codes)
                 terms["usage"] = self.usage_metrics[stage]
             elif codes is not None and self.usage_metrics:
                 terms["usage"] = usage_of(codes, self.net.codebook_size)
         return loss, terms
+
+    def on_test_epoch_start(self) -> None:
+        self._test_samples = None  # the grid shows this test's first inputs
+
+    def test_report(self, run_dir: Path) -> TestReport:
+        """``reconstruction_test.png``: the first test inputs above their reconstructions, with the
+        test PSNR and SSIM (``plots``; rank 0). The table is the logged test metrics."""
+        samples, self._test_samples = self._test_samples, None
+        trainer = self.attached_trainer()
+        if samples is None or not self.cfg.plots or (trainer is not None and not trainer.is_global_zero):
+            return TestReport()
+        with torch.no_grad():
+            recon = self.net(samples.to(self.device))[0].float().cpu()
+        note = metrics_note(trainer, "test") if trainer is not None else ""
+        path = save_grid(reconstruction_grid(samples.float(), recon), Path(run_dir) / "reconstruction_test.png",
+                         "top = test input, bottom = reconstruction" + note)
+        return TestReport(pictures=[str(path)])
+
+    def prediction_columns(self, output: Any, batch: Any) -> dict[str, Any]:
+        """Per image: ``psnr`` (dB) and ``mse`` of its reconstruction (clamped to [0, 1])."""
+        x = self.example_input(batch).float()
+        recon = output[0].detach().float().clamp(0, 1)
+        mse = (recon - x).pow(2).flatten(1).mean(1)
+        return {"psnr": (10 * torch.log10(1.0 / mse.clamp(min=1e-10))).cpu(), "mse": mse.cpu()}
+
+    def prediction_images(self, output: Any, batch: Any) -> Optional[Tensor]:
+        """The reconstructions, clamped to [0, 1]."""
+        return output[0].detach().float().clamp(0, 1)
 
     @property
     def code_counts(self) -> Optional[Tensor]:

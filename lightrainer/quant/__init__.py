@@ -5,10 +5,11 @@
     export_onnx(net, x, "best_int8.onnx", verify=val_batches)  # Q/DQ ONNX (lightrainer.export)
 """
 
-# The built-in backends register when their modules are imported, pytorch-quantization first
-# (the original's library; ``auto`` tries them in this order).
-import lightrainer.quant.pytorch_quantization  # noqa: F401  (registers the backend)
+# The built-in backends register when their modules are imported, and ``auto`` tries them in this
+# order: ModelOpt first (NVIDIA's maintained successor, which installs with current torch), then
+# pytorch-quantization 2.1.3 (the original's library, no longer developed; kept for its users).
 import lightrainer.quant.modelopt  # noqa: F401  (registers the backend)
+import lightrainer.quant.pytorch_quantization  # noqa: F401  (registers the backend)
 from lightrainer.quant.base import (
     INSTALL_HINT,
     QuantBackend,

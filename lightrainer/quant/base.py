@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.metadata
+import logging
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any, Iterator
 
@@ -38,7 +40,8 @@ class QuantBackend(ABC):
         The default imports :attr:`module`; a backend adds its own checks (versions, extra imports).
         """
         try:
-            importlib.import_module(self.module)
+            with quiet_import():
+                importlib.import_module(self.module)
         except ImportError as err:
             raise ConfigError(f"quant_backend: {self.name} is not installed ({err}): {INSTALL_HINT}") from None
 
@@ -57,6 +60,35 @@ class QuantBackend(ABC):
     def quiet(self) -> contextlib.AbstractContextManager:
         """Silence the library's chatty logging while the project drives it."""
         return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def quiet_import() -> Iterator[None]:
+    """Import a quantization library without it changing or flooding the program's output.
+
+    pytorch-quantization's ``__init__`` calls absl's ``use_absl_handler()``, which swaps the root
+    logger's handler for absl's and lowers the root to WARNING: every INFO line of the program
+    (export's verification and "exported" lines) vanished once the library was imported. The
+    root logger's handlers and level are put back. Both libraries decorate functions with
+    ``torch.jit.script`` (a FutureWarning per import under torch 2.x) and ModelOpt imports torch's
+    C++ extension helper, which warns on a machine without CUDA: nothing a user can act on.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    cpp = logging.getLogger("torch.utils.cpp_extension")
+    cpp_level = cpp.level
+    cpp.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+            yield
+    finally:
+        cpp.setLevel(cpp_level)
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        for handler in [h for h in handlers if h not in root.handlers]:
+            root.addHandler(handler)
+        root.setLevel(level)
 
 
 def dist_version(dist: str) -> str | None:
@@ -82,7 +114,8 @@ def get_backend(name: str | QuantBackend = "auto") -> QuantBackend:
     """The backend named by ``quant_backend``, checked to be usable.
 
     Args:
-        name: a backend name, "auto" (the first installed, pytorch_quantization first), or a backend.
+        name: a backend name, "auto" (the first installed in registration order: modelopt, then
+            pytorch_quantization), or a backend.
 
     Returns:
         The backend, its library importable.

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from lightrainer.errors import ConfigError
-from lightrainer.quant.base import INSTALL_HINT, NUM_BITS, QuantBackend, register_backend
+from lightrainer.quant.base import INSTALL_HINT, NUM_BITS, QuantBackend, quiet_import, register_backend
 
 
 class ModelOptBackend(QuantBackend):
@@ -22,7 +22,8 @@ class ModelOptBackend(QuantBackend):
 
     def check_installed(self) -> None:
         try:
-            import modelopt.torch.quantization  # noqa: F401
+            with quiet_import():
+                import modelopt.torch.quantization  # noqa: F401
         except ImportError as err:
             # ModelOpt imports requests and huggingface_hub without declaring them.
             raise ConfigError(f"quant_backend: modelopt is not usable ({err}): {INSTALL_HINT}") from None

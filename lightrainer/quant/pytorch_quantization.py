@@ -8,7 +8,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from lightrainer.errors import ConfigError
-from lightrainer.quant.base import NUM_BITS, QuantBackend, dist_version, register_backend
+from lightrainer.quant.base import NUM_BITS, QuantBackend, dist_version, quiet_import, register_backend
 
 REAL_VERSION = "2.1.3"
 
@@ -28,6 +28,9 @@ class PytorchQuantizationBackend(QuantBackend):
                 f"work: pip install pytorch-quantization=={REAL_VERSION}"
             )
         super().check_installed()
+        with quiet_import():
+            import pytorch_quantization.calib  # noqa: F401  (the modules the backend uses)
+            import pytorch_quantization.nn  # noqa: F401
 
     def make_quantizer(self, axis: int | None) -> nn.Module:
         from pytorch_quantization.nn import TensorQuantizer

@@ -1,0 +1,34 @@
+"""Where lightrainer's log lines go when the program set up no logging (a notebook, a script).
+
+The command line configures logging itself. A notebook or a script that calls
+:func:`lightrainer.build_trainer` usually does not, and Python would then drop every INFO line:
+the per-epoch lines and the closing summary of a fit. As Lightning does for its own logger,
+``import lightrainer`` gives the ``lightrainer`` logger a handler of last resort; it prints only
+while the root logger has no handler, so a program that configures logging sees each line once,
+formatted its own way.
+"""
+
+from __future__ import annotations
+
+import logging
+
+
+class FallbackHandler(logging.StreamHandler):
+    """A stderr handler that stays silent once the root logger has a handler of its own."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers:
+            return  # the record propagates to the program's own handlers
+        super().emit(record)
+
+
+def install_fallback_handler(name: str = "lightrainer") -> None:
+    """INFO lines of logger ``name`` printed (message only) where the program set up no logging;
+    idempotent, and a level the program set on the logger is kept."""
+    logger = logging.getLogger(name)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if not any(isinstance(handler, FallbackHandler) for handler in logger.handlers):
+        handler = FallbackHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
