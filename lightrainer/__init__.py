@@ -6,7 +6,6 @@ anywhere sees them; a user's own entries register the same way, from their own m
 """
 
 from lightrainer.config import Config, ConfigError, TaskKey, load_config
-from lightrainer.logs import install_fallback_handler
 from lightrainer.module import LightrainerModule
 from lightrainer.trainer import build_trainer
 from lightrainer.sweep import tune
@@ -17,8 +16,5 @@ import lightrainer.datamodules  # noqa: E402,F401
 import lightrainer.export  # noqa: E402,F401
 import lightrainer.modules  # noqa: E402,F401
 import lightrainer.quant  # noqa: E402,F401
-
-# A notebook or script that set up no logging still sees the epoch lines and the closing summary.
-install_fallback_handler()
 
 __all__ = ["Config", "ConfigError", "LightrainerModule", "TaskKey", "build_trainer", "load_config", "tune", "__version__"]

@@ -185,6 +185,15 @@ def build_from_config(cfg: Config) -> tuple[L.LightningModule, L.LightningDataMo
     return module, datamodule
 
 
+def trainer_kwargs(cfg: Config) -> dict[str, Any]:
+    """The Trainer arguments of the ``trainer:`` section, their classes built (callbacks, loggers).
+
+    Raises:
+        ConfigError: a class the section names cannot be built.
+    """
+    return {key: instantiate(value, cfg, f"trainer.{key}") for key, value in (cfg.sections.get("trainer") or {}).items()}
+
+
 # ---------------------------------------------------------------------------------- rebuild
 def _old_record(payload: Mapping[str, Any]) -> dict[str, Any]:
     """A record for files written before records existed: the task's class and its defaults."""
@@ -313,4 +322,5 @@ def _rebuild_net(spec: Any, task: type, cfg: Config, datamodule: Any, sources: M
                        cfg, "net", nn.Module, trusted=False)
 
 
-__all__ = ["build_from_config", "checked_class", "instantiate", "rebuild", "rebuild_config", "record_of"]
+__all__ = ["build_from_config", "checked_class", "instantiate", "rebuild", "rebuild_config", "record_of",
+           "trainer_kwargs"]

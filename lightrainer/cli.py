@@ -25,7 +25,7 @@ from jsonargparse import ActionConfigFile, ActionYesNo, Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 
 from lightrainer.assets import resolve_config
-from lightrainer.build import build_from_config, instantiate, rebuild, rebuild_config
+from lightrainer.build import build_from_config, rebuild, rebuild_config, trainer_kwargs
 from lightrainer.callbacks.predictions import PredictionWriter
 from lightrainer.callbacks.test_results import TestResults
 from lightrainer.config import (
@@ -510,7 +510,10 @@ def resumed_run_dir(ckpt: Path) -> Optional[Path]:
     with ``RUN/args.yaml``); a checkpoint copied anywhere else starts a new run folder
     ``save_dir/name[N]`` (None), so nothing is written into a folder that is not a run's."""
     run = ckpt.resolve().parent.parent
-    return run if ckpt.resolve().parent.name == "weights" and (run / "args.yaml").is_file() else None
+    if ckpt.resolve().parent.name != "weights" or not (run / "args.yaml").is_file():
+        return None
+    # Relative to the working folder where it is inside it, as a new run's save_dir/name is.
+    return run.relative_to(Path.cwd().resolve()) if run.is_relative_to(Path.cwd().resolve()) else run
 
 
 # ---------------------------------------------------------------------------------- running
@@ -518,11 +521,6 @@ def print_config(cfg: Config, flags: str | None) -> None:
     """``--print_config[=skip_null]``: the validated config as a YAML that ``fit --config`` reads
     back, with the derived values as comments."""
     print(config_yaml(cfg, skip_null=bool(flags and "skip_null" in flags)), end="")
-
-
-def _trainer_kwargs(cfg: Config) -> dict[str, Any]:
-    """The Trainer arguments of the ``trainer:`` section, their classes built (callbacks, loggers)."""
-    return {key: instantiate(value, cfg, f"trainer.{key}") for key, value in (cfg.sections.get("trainer") or {}).items()}
 
 
 def run_lightning(command: Command) -> int:
@@ -566,7 +564,7 @@ def run_lightning(command: Command) -> int:
     if sub != "fit":
         cfg.name = f"{cfg.name}_{sub}"
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    kwargs = _trainer_kwargs(cfg)
+    kwargs = trainer_kwargs(cfg)
     given = kwargs.get("callbacks") or []
     kwargs["callbacks"] = [*(given if isinstance(given, list) else [given]), *_result_writers(sub, command.ckpt_path)]
     trainer = build_trainer(cfg, run_dir=run_dir, **kwargs)
@@ -629,7 +627,7 @@ def run_tune_lr(command: Command) -> int:
     module, datamodule = build_from_config(cfg)
     out_dir = create_run_dir(cfg.save_dir, f"{cfg.name}_lr_find", cfg.exist_ok)  # claimed as a run folder is
     result = lr_find(cfg, module, datamodule, min_lr=values["min_lr"], max_lr=values["max_lr"],
-                     num_steps=values["num_steps"], out_dir=out_dir, **_trainer_kwargs(cfg))
+                     num_steps=values["num_steps"], out_dir=out_dir, **trainer_kwargs(cfg))
     if result.suggestion is None:
         raise ConfigError(f"tune-lr: {len(result.lrs)} steps are too few to suggest an lr0: raise --num_steps")
     log.info("lr range test over %d steps: suggested lr0 %.3g (the loss fell fastest there); %s",

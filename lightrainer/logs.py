@@ -3,9 +3,9 @@
 The command line configures logging itself. A notebook or a script that calls
 :func:`lightrainer.build_trainer` usually does not, and Python would then drop every INFO line:
 the per-epoch lines and the closing summary of a fit. As Lightning does for its own logger,
-``import lightrainer`` gives the ``lightrainer`` logger a handler of last resort; it prints only
-while the root logger has no handler, so a program that configures logging sees each line once,
-formatted its own way.
+``build_trainer`` (and ``lightrainer.tune``) give the ``lightrainer`` logger a handler of last
+resort when the program has set up no logging at all; a program that configured logging keeps its
+own levels and handlers.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ class FallbackHandler(logging.StreamHandler):
 
 
 def install_fallback_handler(name: str = "lightrainer") -> None:
-    """INFO lines of logger ``name`` printed (message only) where the program set up no logging;
-    idempotent, and a level the program set on the logger is kept."""
+    """INFO lines of logger ``name`` printed (message only) where the program set up no logging
+    (the root logger has no handler); idempotent, and a level the program set is kept."""
+    if logging.getLogger().handlers:
+        return  # the program configured logging: its levels and handlers decide
     logger = logging.getLogger(name)
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)

@@ -29,6 +29,7 @@ from lightrainer.callbacks.results import ResultsCSV
 from lightrainer.callbacks.summary import RunSummary
 from lightrainer.config import Config, ConfigError, dump_config
 from lightrainer.io import atomic_write
+from lightrainer.logs import install_fallback_handler
 from lightrainer.quant.workflow import check_quant_config
 from lightrainer.runs import (
     SLURM_JOB_FILE,
@@ -586,6 +587,7 @@ def build_trainer(cfg: Config, run_dir: str | os.PathLike | None = None, **train
         MissingDependencyError: what the export after fit needs is missing (TensorRT for
             ``export: engine``, onnx, onnxruntime).
     """
+    install_fallback_handler()  # a notebook that set up no logging still sees the lines and the summary
     if cfg.ptq or cfg.qat or cfg.trt_quant:
         # A missing backend, the fake pytorch-quantization 2.2.x or a bad method fail here,
         # before the run folder exists (trt_quant runs PTQ first when ptq is off).

@@ -302,16 +302,19 @@ from lightrainer.datamodules import DigitsDataModule
 from lightrainer.modules import ClassificationModule, SmallCNN
 if sys.argv[2] == "configured":
     logging.basicConfig(level=logging.INFO, format="mine: %(message)s")
+elif sys.argv[2] == "warnings only":
+    logging.basicConfig(level=logging.WARNING, format="mine: %(message)s")
 cfg = lt.load_config({config!r}, epochs=2, save_dir=sys.argv[1], progress="lines")
 trainer = lt.build_trainer(cfg)
 trainer.fit(ClassificationModule(SmallCNN(num_classes=10, in_channels=1), cfg), datamodule=DigitsDataModule(cfg))
 """
 
 
-@pytest.mark.parametrize("logging_setup", ["none", "configured"])
+@pytest.mark.parametrize("logging_setup", ["none", "configured", "warnings only"])
 def test_a_script_sees_the_epoch_lines_and_summary_once(tmp_path, logging_setup) -> None:
-    # A notebook or script that set up no logging still gets the lines (import lightrainer gives its
-    # logger a handler of last resort); one that did gets them once, in its own format.
+    # A notebook or script that set up no logging still gets the lines (build_trainer gives the
+    # lightrainer logger a handler of last resort); one that did gets them once, in its own format,
+    # or not at all where it asked for warnings only.
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(config=DIGITS))
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "runs"), logging_setup], capture_output=True,
@@ -319,5 +322,8 @@ def test_a_script_sees_the_epoch_lines_and_summary_once(tmp_path, logging_setup)
     assert proc.returncode == 0, proc.stderr[-3000:]
     prefix = "mine: " if logging_setup == "configured" else ""
     lines = proc.stderr.splitlines()
+    if logging_setup == "warnings only":
+        assert not any("best epoch: " in line or re.match(r"\s+2/2\s", line) for line in lines), proc.stderr
+        return
     assert sum(line.startswith(f"{prefix}best epoch: ") for line in lines) == 1, proc.stderr
     assert sum(bool(re.match(rf"{prefix}\s+2/2\s", line)) for line in lines) == 1, proc.stderr
