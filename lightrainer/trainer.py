@@ -21,7 +21,7 @@ from lightrainer.callbacks.export import ExportCallback, check_export_dependenci
 from lightrainer.callbacks.interrupt import InterruptCheckpoint
 from lightrainer.callbacks.ptq import PTQCallback
 from lightrainer.callbacks.qat import QATCallback
-from lightrainer.callbacks.checkpoint import RandomState, RunCheckpoint, StripOptimizer, with_atomic_checkpoint_io
+from lightrainer.callbacks.checkpoint import RandomState, RunCheckpoint, with_atomic_checkpoint_io
 from lightrainer.callbacks.early_stopping import FitnessEarlyStopping
 from lightrainer.callbacks.model_summary import LightrainerModelSummary
 from lightrainer.callbacks.progress import EpochLines, LightrainerProgressBar, resolve_progress
@@ -542,7 +542,7 @@ def default_callbacks(cfg: Config, progress: str = "bar", accelerator: str = "cp
         callbacks.append(stopper)
     callbacks += _feature_callbacks(cfg)
     # Last: after the files the feature callbacks write at the end of the fit.
-    callbacks += [StripOptimizer(run_dir / "weights"), RunSummary(results, stopper)]
+    callbacks.append(RunSummary(results, stopper))
     return callbacks
 
 

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightrainer"
 #: Bottom to top. A key names a module or a package (every module under it).
 LAYERS: dict[str, int] = {
     # L0: the small core that imports nothing of lightrainer but itself
-    "errors": 0, "registry": 0, "io": 0, "task": 0, "version": 0, "assets": 0, "logs": 0,
+    "errors": 0, "registry": 0, "io": 0, "task": 0, "version": 0, "assets": 0, "logs": 0, "tables": 0,
     # L1: config and the core every task uses
     "config": 1, "optim": 1, "ema": 1, "plots": 1, "module": 1, "constraints": 1, "weights": 1, "record": 1,
     "runs": 1,

@@ -12,12 +12,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
 
 import lightrainer as lt
-from lightrainer.callbacks.checkpoint import strip_optimizer
 from lightrainer.callbacks.model_summary import bookkeeping_children, format_model_table
 from lightrainer.callbacks.progress import epoch_columns, format_columns, format_duration, resolve_progress
 from lightrainer.callbacks.summary import best_epoch, next_commands, stop_reason, summary_lines
@@ -124,21 +125,27 @@ def test_model_table_leaves_out_bookkeeping_and_zero_flops(tmp_path) -> None:
     assert "FLOPs" in flops[0] and flops[2] == "150 K params (0.600 MB), 10.0 K not trainable, 2.0 M FLOPs a forward pass"
 
 
-def test_strip_optimizer_keeps_everything_else(tmp_path) -> None:
-    net = torch.nn.Linear(64, 64)
-    optimizer = torch.optim.Adam(net.parameters())
-    net(torch.randn(2, 64)).sum().backward()
-    optimizer.step()
-    path = tmp_path / "best.pt"
-    torch.save({"epoch": 3, "best_fitness": 0.9, "model": net.state_dict(), "optimizer": optimizer.state_dict()}, path)
-    before = path.stat().st_size
-    assert strip_optimizer(path) is True
-    after = torch.load(path, weights_only=True)
-    assert after["optimizer"] is None and after["epoch"] == 3 and after["best_fitness"] == 0.9
-    for key, value in net.state_dict().items():
-        assert torch.equal(after["model"][key], value)
-    assert path.stat().st_size < before / 2  # Adam keeps two moments of every weight
-    assert strip_optimizer(path) is False
+def test_weights_files_hold_no_optimizer_state_while_the_run_goes_on(tmp_path) -> None:
+    # best.pt/last.pt never carry the optimizer (resume reads last.ckpt): checked on the file the
+    # first epoch wrote, while the second runs, against the network and the checkpoint beside it.
+    seen: dict[str, Any] = {}
+
+    class LookAtLastPt(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            if trainer.current_epoch == 1:
+                weights = Path(pl_module.cfg.run_dir) / "weights"
+                seen["payload"] = torch.load(weights / "last.pt", weights_only=True)
+                seen["sizes"] = ((weights / "last.pt").stat().st_size, (weights / "last.ckpt").stat().st_size)
+                seen["net"] = {k: v.detach().clone() for k, v in pl_module.net.state_dict().items()}
+
+    cfg = _cfg(tmp_path, epochs=2, optimizer="Adam")
+    trainer = lt.build_trainer(cfg, callbacks=[LookAtLastPt()])
+    trainer.fit(ClassificationModule(SmallCNN(num_classes=10, in_channels=1), cfg), datamodule=DigitsDataModule(cfg))
+    payload = seen["payload"]
+    assert payload["optimizer"] is None and payload["epoch"] == 0 and "best_fitness" in payload
+    for key, value in seen["net"].items():
+        assert torch.equal(payload["model"][key], value)
+    assert seen["sizes"][0] < seen["sizes"][1] / 2  # Adam keeps two moments of every weight, in last.ckpt only
 
 
 def test_amp_accepts_fp16_and_bf16_names() -> None:

@@ -32,6 +32,7 @@ from lightrainer.sweep import (  # noqa: E402
     reruns_needed,
     state_of,
 )
+from test_hostile import NAN_NET  # noqa: E402  (a network whose output turns NaN after 2 training batches)
 
 #: A digits trial in about a second: 10 training batches, 3 validation batches an epoch.
 QUICK = ["--trainer.limit_train_batches", "10", "--trainer.limit_val_batches", "3", "--plots", "False",
@@ -276,24 +277,6 @@ def test_a_crashing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, cfg: lt.Co
     assert table["16"]["state"] == "complete"
     assert (folder / "errors").is_dir() and "Traceback" in next((folder / "errors").iterdir()).read_text()
     assert best.sections["model"]["init_args"]["net"]["init_args"]["width"] == 16
-
-
-NAN_NET = """
-import torch
-from torch import nn
-
-
-class NaNAfter(nn.Module):
-    def __init__(self, batches: int = 2):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-        self.batches, self.seen = batches, 0
-
-    def forward(self, x):
-        self.seen += int(self.training)
-        out = self.body(x)
-        return out * float("nan") if self.training and self.seen > self.batches else out
-"""
 
 
 def test_a_diverging_trial_is_pruned(tmp_path, monkeypatch, cfg: lt.Config) -> None:

@@ -82,13 +82,15 @@ def _listed(names: list[str], most: int = 5) -> str:
 
 
 def weights_payload(trainer: L.Trainer, pl_module: L.LightningModule, best_fitness: float | None) -> dict[str, Any]:
-    """The seed's weights file: epoch, best_fitness, model weights, optimizer state, date (+ config)."""
-    optimizers = trainer.optimizers
+    """The seed's weights file: epoch, best_fitness, model weights, date (+ config), with
+    ``"optimizer": None`` (Ultralytics' stripped file): the seed's key is kept, but the state is not
+    written, since resuming reads ``last.ckpt`` and never a ``.pt`` file. The file holds what a user
+    ships, about a third of the size for Adam, and every epoch writes that much less."""
     return {
         "epoch": trainer.current_epoch,
         "best_fitness": best_fitness,
         "model": {k: v.detach().cpu() for k, v in pl_module.weights_state_dict().items()},
-        "optimizer": optimizers[0].state_dict() if optimizers else None,
+        "optimizer": None,
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         # The task, network and datamodule classes with their arguments, and the config: every
         # command re-opens the run from this file alone (lightrainer.build.rebuild).
@@ -225,42 +227,6 @@ class RunCheckpoint(Checkpoint):
         # A run resumed under another fitness (or direction) starts its best afresh.
         if (state_dict.get("monitor"), state_dict.get("mode")) == (self.monitor, self.mode):
             self.best_model_score = state_dict.get("best_model_score")
-
-
-def strip_optimizer(path: str | os.PathLike) -> bool:
-    """Drop the optimizer state from a weights file (``weights/best.pt``), as Ultralytics'
-    ``strip_optimizer`` does: the file keeps the weights, the record and the metadata, with
-    ``"optimizer": None``, about a third of its size for Adam. Rewritten atomically.
-
-    Returns:
-        Whether the file held an optimizer state (and was rewritten).
-    """
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("optimizer") is None:
-        return False
-    payload["optimizer"] = None
-    atomic_torch_save(payload, path)
-    return True
-
-
-class StripOptimizer(L.Callback):
-    """At the end of a fit, rank 0 strips the optimizer state from ``weights/best.pt`` and
-    ``last.pt``: they hold what a user ships. Resuming reads ``last.ckpt``, never a ``.pt`` file,
-    and an interrupted fit (which ends without ``on_fit_end``) keeps its files as they are.
-
-    Args:
-        dirpath: the run's ``weights`` folder.
-    """
-
-    def __init__(self, dirpath: str | os.PathLike) -> None:
-        self.dirpath = Path(dirpath)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:  # rank 0 holds the run's folder (other ranks may not know it)
-            return
-        for name in ("best.pt", "last.pt"):
-            if (self.dirpath / name).is_file():
-                strip_optimizer(self.dirpath / name)
 
 
 class RandomState(L.Callback):

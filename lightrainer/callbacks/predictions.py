@@ -13,8 +13,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightrainer.callbacks.test_results import results_csv
+from lightrainer.callbacks.test_results import format_cell
 from lightrainer.io import atomic_path, atomic_write
+from lightrainer.tables import csv_text
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class PredictionWriter(Callback):
         for row in rows:
             del row["position"]
         path = _run_dir(trainer, pl_module) / "predictions.csv"
-        atomic_write(path, results_csv(rows))
+        atomic_write(path, csv_text(rows, format_cell))
         log.info("predictions of %d samples: %s", len(rows), path)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import os
@@ -15,6 +13,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from lightrainer.io import atomic_write
+from lightrainer.tables import csv_text
 from lightrainer.plots import plot_results
 
 log = logging.getLogger(__name__)
@@ -65,14 +64,8 @@ class ResultsCSV(Callback):
         self._write()
 
     def _write(self) -> None:
-        header: list[str] = []
-        for row in self.rows:
-            header += [k for k in row if k not in header]
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=header)
-        writer.writeheader()
-        writer.writerows({k: _fmt(row.get(k)) for k in header} for row in self.rows)
-        atomic_write(self.path, text.getvalue())
+        # csv's own line ending, as results.csv has always had
+        atomic_write(self.path, csv_text(self.rows, _fmt, lineterminator="\r\n"))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._plot(trainer)

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 from pathlib import Path
@@ -14,12 +12,14 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from lightrainer.io import atomic_write
+from lightrainer.tables import csv_text, markdown_table
 from lightrainer.task import TestReport
 
 log = logging.getLogger(__name__)
 
 
-def _cell(value: Any, digits: str = ".6g") -> str:
+def format_cell(value: Any, digits: str = ".6g") -> str:
+    """A value of test_results.csv or predictions.csv: floats to ``digits``, None empty."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -27,35 +27,17 @@ def _cell(value: Any, digits: str = ".6g") -> str:
     return str(value)
 
 
-def results_csv(rows: list[dict[str, Any]]) -> str:
-    """The rows as CSV text, columns in the order they first appear."""
-    header: list[str] = []
-    for row in rows:
-        header += [k for k in row if k not in header]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=header, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: _cell(row.get(k)) for k in header} for row in rows)
-    return text.getvalue()
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as a GitHub markdown table."""
-    header: list[str] = []
-    for row in rows:
-        header += [k for k in row if k not in header]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_cell(row.get(k), ".4f") for k in header) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+def _md_cell(value: Any) -> str:
+    return format_cell(value, ".4f")
 
 
 def results_markdown(metrics: dict[str, float], report: TestReport, about: dict[str, Any]) -> str:
     """``test_results.md``: what was scored, the logged metrics, the task's table, its pictures."""
     text = "# Test results\n\n"
     text += "".join(f"- {key}: {value}\n" for key, value in about.items() if value is not None)
-    text += "\n## Metrics\n\n" + markdown_table([{"metric": k, "value": v} for k, v in metrics.items()])
+    text += "\n## Metrics\n\n" + markdown_table([{"metric": k, "value": v} for k, v in metrics.items()], _md_cell)
     if report.rows:
-        text += "\n## Per class\n\n" + markdown_table(report.rows)
+        text += "\n## Per class\n\n" + markdown_table(report.rows, _md_cell)
     if report.pictures:
         text += "\n" + "".join(f"![{Path(p).stem}]({Path(p).name})\n" for p in report.pictures)
     return text
@@ -91,7 +73,7 @@ class TestResults(Callback):
         about = {"weights": self.source, "split": split if split != "val" else "val (no test split: test_split is 0)",
                  "samples": _samples(datamodule, split), "devices": trainer.world_size}
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "test_results.csv", results_csv(report.rows or [metrics]))
+        atomic_write(run_dir / "test_results.csv", csv_text(report.rows or [metrics], format_cell))
         atomic_write(run_dir / "test_results.md", results_markdown(metrics, report, about))
         log.info("test results: %s, %s", run_dir / "test_results.md", run_dir / "test_results.csv")
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from lightrainer.config import Config, config_yaml
 from lightrainer.io import atomic_write
+from lightrainer.tables import csv_text, markdown_table
 from lightrainer.plots import _pyplot, save_figure
 from lightrainer.sweep.space import Space
 from lightrainer.sweep.states import state_of
@@ -69,32 +70,20 @@ def _cell(value: Any) -> str:
 
 def write_tables(study: Any, folder: Path, space: Space, base: Config) -> list[Path]:
     """``tune_results.csv`` and ``.md`` (a row per trial) and ``best.yaml``, written atomically."""
-    import csv
-    import io
-
     metric, mode = resolve_fitness(base.task_class, base.fitness)
     rows = result_rows(study, space, metric)
     if not rows:
         return []
-    header = list(dict.fromkeys(k for row in rows for k in row))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=header, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-    files = [atomic_write(folder / RESULTS_CSV, text.getvalue())]
+    files = [atomic_write(folder / RESULTS_CSV, csv_text(rows, lambda v: "" if v is None else v))]
     best = best_trial(study)
     counts = {s: sum(r["state"] == s for r in rows) for s in dict.fromkeys(r["state"] for r in rows)}
     lines = [f"## Sweep {folder.name}", "",
              f"{len(rows)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())}); fitness {metric} ({mode}).",
              f"Best: trial {best.number}, {metric} {_cell(best.value)} ({format_params(best.params)}); "
              f"train it: `lightrainer fit --config {folder / BEST_FILE}`" if best else "No trial has completed yet.",
-             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [_cell(row.get(k)) for k in header]
-        if best is not None and row["trial"] == best.number:
-            cells = [f"**{c}**" if c else c for c in cells]
-        lines.append("| " + " | ".join(cells) + " |")
-    files.append(atomic_write(folder / RESULTS_MD, "\n".join(lines) + "\n"))
+             ""]
+    table = markdown_table(rows, _cell, bold=lambda row: best is not None and row["trial"] == best.number)
+    files.append(atomic_write(folder / RESULTS_MD, "\n".join(lines) + "\n" + table))
     if best is not None:
         files.append(write_best(best, base, folder, metric))
     return files
