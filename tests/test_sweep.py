@@ -368,8 +368,11 @@ def test_workers_run_trials_at_once(tmp_path, digits: str) -> None:
     space = tmp_path / "space.yaml"
     space.write_text("lr0: {low: 1.0e-3, high: 1.0e-2, log: true}\n")
     save_dir = tmp_path / "runs"
+    # Trials of a few seconds (40 batches an epoch), longer than the gap between the two workers'
+    # start-ups on a loaded machine: with one-second trials their hand-offs could line up end to start.
     assert main(["tune", "--config", digits, "--space", str(space), "--trials", "4", "--epochs", "2",
-                 "--save_dir", str(save_dir), "--workers", "2", "--pruner", "none", *QUICK]) == 0
+                 "--save_dir", str(save_dir), "--workers", "2", "--pruner", "none", *QUICK,
+                 "--trainer.limit_train_batches", "40"]) == 0
     folder = save_dir / "tune" / "digits"
     trials = study_of(folder).get_trials()
     assert len(trials) == 4 and all(state_of(t) == "complete" for t in trials)
